@@ -35,10 +35,20 @@ class Ruleset:
     iptables: str
     ip6tables: str
     tproxy: TproxyRoute | None = None
+    # istio-iptables adds ::6/128 to lo when IPv6 is on: the inbound passthrough source address
+    # (127.0.0.6 needs nothing, 127/8 is all on lo already).
+    ipv6_passthrough_address: bool = False
 
     def sha256(self) -> str:
         digest = hashlib.sha256()
-        for part in (self.iptables, "\0", self.ip6tables, "\0", repr(self.tproxy)):
+        for part in (
+            self.iptables,
+            "\0",
+            self.ip6tables,
+            "\0",
+            repr(self.tproxy),
+            repr(self.ipv6_passthrough_address),
+        ):
             digest.update(part.encode())
         return digest.hexdigest()
 

@@ -1,0 +1,126 @@
+"""The redirect spec: every option of one pod's traffic interception, validated and immutable.
+
+This is the single input of the renderer. It is built by ``spec.flags`` (istio-iptables flags,
+as istio-init receives them) or ``spec.pod`` (a pod manifest, with Istio CNI's semantics), and
+its invariants are checked in ``__post_init__`` so that no builder can produce an invalid one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from .errors import SpecError
+from .values import Cidr, CidrSelection, DnsServer, PortSelection
+
+DEFAULT_PROXY_PORT = 15001
+DEFAULT_INBOUND_CAPTURE_PORT = 15006
+DEFAULT_INBOUND_TUNNEL_PORT = 15008
+DEFAULT_PROXY_UID = 1337
+DEFAULT_TPROXY_MARK = 1337
+DEFAULT_TPROXY_ROUTE_TABLE = 133
+DNS_AGENT_PORT = 15053
+OUTBOUND_MARK = 1338  # istio-iptables' mark for proxy -> workload traffic in TPROXY mode
+DEFAULT_LOOPBACK_CIDR = Cidr(ipaddress.IPv4Interface("127.0.0.1/32"))
+# Route tables the kernel reserves (unspec, default, main, local).
+RESERVED_ROUTE_TABLES = frozenset({0, 253, 254, 255})
+
+
+class InterceptionMode(Enum):
+    REDIRECT = "REDIRECT"
+    TPROXY = "TPROXY"
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerGroups:
+    """Which groups' outbound traffic is captured: all but ``values`` (``except_=True``, the
+    default with no values), or only ``values``."""
+
+    except_: bool = True
+    values: tuple[str, ...] = ()
+
+
+MAX_OWNER_GROUPS_INCLUDE = 64  # istio-iptables' limit: they become matches of a single rule
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectSpec:
+    proxy_port: int = DEFAULT_PROXY_PORT
+    inbound_capture_port: int = DEFAULT_INBOUND_CAPTURE_PORT
+    inbound_tunnel_port: int = DEFAULT_INBOUND_TUNNEL_PORT
+    proxy_uids: tuple[int, ...] = (DEFAULT_PROXY_UID,)
+    proxy_gids: tuple[int, ...] = (DEFAULT_PROXY_UID,)
+    mode: InterceptionMode = InterceptionMode.REDIRECT
+    inbound_ports: PortSelection = field(default_factory=PortSelection)
+    inbound_ports_exclude: tuple[int, ...] = ()
+    outbound_cidrs: CidrSelection = field(default_factory=CidrSelection)
+    outbound_cidrs_exclude: tuple[Cidr, ...] = ()
+    outbound_ports_include: tuple[int, ...] = ()
+    outbound_ports_exclude: tuple[int, ...] = ()
+    reroute_virtual_interfaces: tuple[str, ...] = ()
+    exclude_interfaces: tuple[str, ...] = ()
+    tproxy_mark: int = DEFAULT_TPROXY_MARK
+    tproxy_route_table: int = DEFAULT_TPROXY_ROUTE_TABLE
+    redirect_dns: bool = False
+    capture_all_dns: bool = False
+    drop_invalid: bool = False
+    ipv6: bool = False
+    dns_servers_v4: tuple[DnsServer, ...] = ()
+    dns_servers_v6: tuple[DnsServer, ...] = ()
+    owner_groups: OwnerGroups = field(default_factory=OwnerGroups)
+    host_ipv4_loopback_cidr: Cidr = DEFAULT_LOOPBACK_CIDR
+
+    def __post_init__(self) -> None:
+        loop = self.host_ipv4_loopback_cidr
+        if loop.version != 4 or not loop.is_loopback or loop.interface.network.prefixlen < 8:
+            raise SpecError(
+                "--host-ipv4-loopback-cidr", str(loop), "must be an IPv4 CIDR inside 127.0.0.0/8, prefix 8-32"
+            )
+        if not 0 < self.tproxy_mark < 2**32:
+            raise SpecError("-t", self.tproxy_mark, "a mark is from 1 to 4294967295")
+        if self.tproxy_mark == OUTBOUND_MARK:
+            raise SpecError("-t", self.tproxy_mark, f"{OUTBOUND_MARK} is the proxy's outbound mark")
+        if self.tproxy_route_table in RESERVED_ROUTE_TABLES or not 0 < self.tproxy_route_table < 2**32:
+            raise SpecError("-r", self.tproxy_route_table, "a route table is 1-4294967295, not 253-255")
+        if not self.owner_groups.except_ and len(self.owner_groups.values) > MAX_OWNER_GROUPS_INCLUDE:
+            raise SpecError(
+                "--owner-groups-include",
+                ",".join(self.owner_groups.values),
+                f"at most {MAX_OWNER_GROUPS_INCLUDE} groups",
+            )
+        if not self.proxy_uids or not self.proxy_gids:
+            raise SpecError("-u", "", "at least one proxy UID and GID is needed")
+
+    @property
+    def dns_enabled(self) -> bool:
+        """istio-iptables turns DNS capture off when it has neither servers nor capture-all."""
+        return self.redirect_dns and (
+            self.capture_all_dns or bool(self.dns_servers_v4) or bool(self.dns_servers_v6)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A plain-JSON view of every option (for `rules --output json`)."""
+        out: dict[str, Any] = {}
+        for name in self.__dataclass_fields__:
+            out[name] = _plain(getattr(self, name))
+        return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Cidr):
+        return str(value)
+    if isinstance(value, DnsServer):
+        return value.text
+    if isinstance(value, PortSelection):
+        return "*" if value.wildcard else list(value.ports)
+    if isinstance(value, CidrSelection):
+        return "*" if value.wildcard else [str(c) for c in value.cidrs]
+    if isinstance(value, OwnerGroups):
+        return {"except": value.except_, "groups": list(value.values)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value

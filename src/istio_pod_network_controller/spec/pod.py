@@ -1,0 +1,266 @@
+"""Build a redirect spec from a pod (and optionally its namespace), the way Istio would.
+
+Three sources, in order of precedence:
+1. ``pod-network-controller.istio.io/iptables-args``: the injected istio-init's args, kept by our
+   webhook when it removed that container;
+2. an injected ``istio-init`` init container: its args are the spec (we do exactly what it would);
+3. otherwise Istio CNI's semantics: sidecar defaults, ``traffic.sidecar.istio.io/*`` and
+   ``sidecar.istio.io/interceptionMode`` annotations, the proxy's UID/GID and env.
+IPv6 is on when the pod has an IPv6 address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import values as v
+from .errors import OutOfScope, SpecError
+from .flags import owner_groups_from, parse_flags
+from .model import DEFAULT_PROXY_UID, InterceptionMode, RedirectSpec
+
+PROXY_CONTAINER = "istio-proxy"
+INIT_CONTAINER = "istio-init"
+ISTIO_IPTABLES = "istio-iptables"
+
+ANN_IPTABLES_ARGS = "pod-network-controller.istio.io/iptables-args"
+ANN_INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"
+ANN_INCLUDE_CIDRS = "traffic.sidecar.istio.io/includeOutboundIPRanges"
+ANN_EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+ANN_INCLUDE_INBOUND = "traffic.sidecar.istio.io/includeInboundPorts"
+ANN_EXCLUDE_INBOUND = "traffic.sidecar.istio.io/excludeInboundPorts"
+ANN_INCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/includeOutboundPorts"
+ANN_EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
+ANN_EXCLUDE_INTERFACES = "traffic.sidecar.istio.io/excludeInterfaces"
+ANN_KUBEVIRT_INTERFACES = "traffic.sidecar.istio.io/kubevirtInterfaces"
+ANN_REROUTE_VIRTUAL_INTERFACES = "istio.io/reroute-virtual-interfaces"
+ANN_OPENSHIFT_UID_RANGE = "openshift.io/sa.scc.uid-range"
+
+ENV_DNS_CAPTURE = "ISTIO_META_DNS_CAPTURE"
+ENV_INVALID_DROP = "INVALID_DROP"
+
+# Istio CNI's fixed inbound exclusions (status, health, Prometheus) and default outbound one.
+ALWAYS_EXCLUDED_INBOUND = (15020, 15021, 15090)
+DEFAULT_EXCLUDED_OUTBOUND = "15020"
+
+# Every annotation that shapes the rules: the agent re-plans a pod when one of them changes.
+TRAFFIC_ANNOTATIONS = (
+    ANN_IPTABLES_ARGS,
+    ANN_INTERCEPTION_MODE,
+    ANN_INCLUDE_CIDRS,
+    ANN_EXCLUDE_CIDRS,
+    ANN_INCLUDE_INBOUND,
+    ANN_EXCLUDE_INBOUND,
+    ANN_INCLUDE_OUTBOUND_PORTS,
+    ANN_EXCLUDE_OUTBOUND_PORTS,
+    ANN_EXCLUDE_INTERFACES,
+    ANN_KUBEVIRT_INTERFACES,
+    ANN_REROUTE_VIRTUAL_INTERFACES,
+)
+
+Obj = Mapping[str, Any]
+
+
+def _mapping(value: Any) -> Obj:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def annotations_of(obj: Obj | None) -> dict[str, str]:
+    raw = _mapping(_mapping(obj).get("metadata")).get("annotations")
+    return {str(k): str(val) for k, val in _mapping(raw).items()}
+
+
+def proxy_container(pod: Obj) -> Obj | None:
+    """The Istio proxy: a container named istio-proxy, or a native sidecar (an init container
+    with restartPolicy Always) of that name."""
+    spec = _mapping(pod.get("spec"))
+    for container in _list(spec.get("containers")):
+        if _mapping(container).get("name") == PROXY_CONTAINER:
+            return _mapping(container)
+    for container in _list(spec.get("initContainers")):
+        c = _mapping(container)
+        if c.get("name") == PROXY_CONTAINER and c.get("restartPolicy") == "Always":
+            return c
+    return None
+
+
+def istio_init_container(pod: Obj) -> Obj | None:
+    for container in _list(_mapping(pod.get("spec")).get("initContainers")):
+        c = _mapping(container)
+        if c.get("name") == INIT_CONTAINER:
+            return c
+    return None
+
+
+def env_of(container: Obj) -> dict[str, str]:
+    """Literal env values (valueFrom entries cannot be resolved here and are skipped)."""
+    out: dict[str, str] = {}
+    for item in _list(container.get("env")):
+        entry = _mapping(item)
+        if isinstance(entry.get("name"), str) and isinstance(entry.get("value"), str):
+            out[entry["name"]] = entry["value"]
+    return out
+
+
+def pod_has_ipv6(pod: Obj) -> bool:
+    status = _mapping(pod.get("status"))
+    ips = [_mapping(item).get("ip") for item in _list(status.get("podIPs"))]
+    ips.append(status.get("podIP"))
+    for ip in ips:
+        if isinstance(ip, str):
+            try:
+                if ipaddress.ip_address(ip).version == 6:
+                    return True
+            except ValueError:
+                continue
+    return False
+
+
+def out_of_scope_reason(pod: Obj) -> str | None:
+    """Why a pod cannot be programmed at all, whatever its opt-in (None when it can)."""
+    spec = _mapping(pod.get("spec"))
+    if spec.get("hostNetwork") is True:
+        return "pod uses the host network: it has no network namespace of its own to program"
+    if proxy_container(pod) is None:
+        return f"pod has no Istio sidecar (no '{PROXY_CONTAINER}' container or native sidecar)"
+    return None
+
+
+def spec_from_pod(pod: Obj, namespace: Obj | None = None) -> RedirectSpec:
+    """Pod manifest -> spec. Raises OutOfScope or SpecError (naming the annotation or flag)."""
+    reason = out_of_scope_reason(pod)
+    if reason:
+        raise OutOfScope(reason)
+    proxy = proxy_container(pod)
+    assert proxy is not None
+    annotations = annotations_of(pod)
+    ipv6 = pod_has_ipv6(pod)
+
+    if ANN_IPTABLES_ARGS in annotations:
+        args = _args_from_annotation(annotations[ANN_IPTABLES_ARGS])
+        spec = _from_istio_iptables_args(args, where=f"annotation {ANN_IPTABLES_ARGS}", env={})
+    elif (init := istio_init_container(pod)) is not None:
+        args = [a for a in _list(init.get("args")) if isinstance(a, str)]
+        spec = _from_istio_iptables_args(args, where="istio-init args", env=env_of(init))
+    else:
+        spec = _from_cni_semantics(pod, proxy, annotations, namespace)
+    if ipv6 and not spec.ipv6:
+        spec = dataclasses.replace(spec, ipv6=True)
+    return spec
+
+
+def _args_from_annotation(text: str) -> list[str]:
+    try:
+        args = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(ANN_IPTABLES_ARGS, text, f"not a JSON list of strings: {exc.msg}") from None
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise SpecError(ANN_IPTABLES_ARGS, text, "not a JSON list of strings")
+    return args
+
+
+def _from_istio_iptables_args(args: Sequence[str], *, where: str, env: Mapping[str, str]) -> RedirectSpec:
+    args = list(args)
+    if args and args[0] == ISTIO_IPTABLES:
+        args = args[1:]
+    try:
+        spec = parse_flags(args)
+        # istio-iptables takes these defaults from its own environment.
+        if ENV_DNS_CAPTURE in env and not any(a.startswith("--redirect-dns") for a in args):
+            spec = dataclasses.replace(spec, redirect_dns=v.parse_bool(ENV_DNS_CAPTURE, env[ENV_DNS_CAPTURE]))
+        if ENV_INVALID_DROP in env and not any(a.startswith("--drop-invalid") for a in args):
+            spec = dataclasses.replace(
+                spec, drop_invalid=v.parse_bool(ENV_INVALID_DROP, env[ENV_INVALID_DROP])
+            )
+    except SpecError as exc:
+        raise SpecError(f"{where}: {exc.field}", exc.value, exc.reason) from None
+    if spec.redirect_dns and not spec.capture_all_dns and not (spec.dns_servers_v4 or spec.dns_servers_v6):
+        # istio-iptables would read the pod's /etc/resolv.conf, which the node agent cannot see:
+        # capture all port-53 traffic instead, as Istio's CNI plugin does.
+        spec = dataclasses.replace(spec, capture_all_dns=True)
+    return spec
+
+
+def _proxy_id(proxy: Obj, pod: Obj, key: str) -> int | None:
+    for holder in (proxy, _mapping(pod.get("spec"))):
+        value = _mapping(holder.get("securityContext")).get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _openshift_uid_range_start(namespace: Obj | None) -> int | None:
+    """OpenShift's restricted SCCs run a container without runAsUser as the first UID of the
+    namespace's range (``openshift.io/sa.scc.uid-range: 1000620000/10000``)."""
+    raw = annotations_of(namespace).get(ANN_OPENSHIFT_UID_RANGE)
+    if raw is None:
+        return None
+    start, _, _ = raw.partition("/")
+    return v.parse_int(ANN_OPENSHIFT_UID_RANGE, start, low=1, high=v.MAX_ID, what="a UID")
+
+
+def _from_cni_semantics(pod: Obj, proxy: Obj, ann: Mapping[str, str], namespace: Obj | None) -> RedirectSpec:
+    def get(key: str, default: str) -> str:
+        return ann.get(key, default)
+
+    mode_text = get(ANN_INTERCEPTION_MODE, "REDIRECT")
+    try:
+        mode = InterceptionMode(mode_text)
+    except ValueError:
+        raise SpecError(ANN_INTERCEPTION_MODE, mode_text, "interception mode is REDIRECT or TPROXY") from None
+
+    uid = _proxy_id(proxy, pod, "runAsUser")
+    if uid is None:
+        uid = _openshift_uid_range_start(namespace)
+    gid = _proxy_id(proxy, pod, "runAsGroup")
+    proxy_uid = uid if uid else DEFAULT_PROXY_UID  # 0 or unset: the default proxy UID
+    proxy_gid = gid if gid else DEFAULT_PROXY_UID
+
+    excluded_inbound = v.parse_ports_no_wildcard(ANN_EXCLUDE_INBOUND, get(ANN_EXCLUDE_INBOUND, ""))
+    excluded_inbound = tuple(dict.fromkeys((*excluded_inbound, *ALWAYS_EXCLUDED_INBOUND)))
+
+    if ANN_REROUTE_VIRTUAL_INTERFACES in ann:
+        virtual = v.parse_interfaces(ANN_REROUTE_VIRTUAL_INTERFACES, ann[ANN_REROUTE_VIRTUAL_INTERFACES])
+    else:
+        virtual = v.parse_interfaces(ANN_KUBEVIRT_INTERFACES, get(ANN_KUBEVIRT_INTERFACES, ""))
+
+    env = env_of(proxy)
+    dns = (
+        v.parse_bool(f"{PROXY_CONTAINER} env {ENV_DNS_CAPTURE}", env[ENV_DNS_CAPTURE])
+        if ENV_DNS_CAPTURE in env
+        else False
+    )
+    drop = (
+        v.parse_bool(f"{PROXY_CONTAINER} env {ENV_INVALID_DROP}", env[ENV_INVALID_DROP])
+        if ENV_INVALID_DROP in env
+        else False
+    )
+
+    return RedirectSpec(
+        proxy_uids=(proxy_uid,),
+        proxy_gids=(proxy_gid,),
+        mode=mode,
+        inbound_ports=v.parse_port_selection(ANN_INCLUDE_INBOUND, get(ANN_INCLUDE_INBOUND, "*")),
+        inbound_ports_exclude=excluded_inbound,
+        outbound_cidrs=v.parse_cidr_selection(ANN_INCLUDE_CIDRS, get(ANN_INCLUDE_CIDRS, "*")),
+        outbound_cidrs_exclude=v.parse_cidrs(ANN_EXCLUDE_CIDRS, get(ANN_EXCLUDE_CIDRS, "")),
+        outbound_ports_include=v.parse_ports_no_wildcard(
+            ANN_INCLUDE_OUTBOUND_PORTS, get(ANN_INCLUDE_OUTBOUND_PORTS, "")
+        ),
+        outbound_ports_exclude=v.parse_ports_no_wildcard(
+            ANN_EXCLUDE_OUTBOUND_PORTS, get(ANN_EXCLUDE_OUTBOUND_PORTS, DEFAULT_EXCLUDED_OUTBOUND)
+        ),
+        reroute_virtual_interfaces=virtual,
+        exclude_interfaces=v.parse_interfaces(ANN_EXCLUDE_INTERFACES, get(ANN_EXCLUDE_INTERFACES, "")),
+        redirect_dns=dns,
+        capture_all_dns=dns,
+        drop_invalid=drop,
+        owner_groups=owner_groups_from("*", "", include_field="", exclude_field=""),
+    )
