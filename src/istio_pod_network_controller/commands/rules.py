@@ -9,7 +9,7 @@ import sys
 from ..cli import EXIT_INVALID, EXIT_OK, EXIT_OUT_OF_SCOPE, PROG
 from ..render import Ruleset, render
 from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
-from ..spec.flags import add_redirect_flags, normalize_argv, spec_from_args
+from ..spec.flags import FLAGS, add_redirect_flags, normalize_argv, spec_from_args
 from ..spec.manifest import ManifestError, load_object, load_pod
 
 
@@ -41,13 +41,10 @@ def spec_from_cli(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
     if unknown:
         raise SpecError(unknown[0], unknown[0], "unknown flag or stray argument")
     if args.pod:
-        flagged = [
-            a
-            for a in argv
-            if a.startswith("-") and a.split("=")[0] not in ("--pod", "--namespace", "--output")
-        ]
-        if flagged:
-            raise SpecError(flagged[0], flagged[0], "give either istio-iptables flags or --pod, not both")
+        flagged = [f.names[0] for f in FLAGS if getattr(args, f.dest) is not None]
+        if flagged or falses:
+            name = flagged[0] if flagged else next(iter(falses))
+            raise SpecError(name, name, "give either istio-iptables flags or --pod, not both")
         pod = load_pod(args.pod)
         namespace = load_object(args.namespace) if args.namespace else None
         return args, spec_from_pod(pod, namespace)

@@ -135,12 +135,16 @@ def out_of_scope_reason(pod: Obj) -> str | None:
 
 def spec_from_pod(pod: Obj, namespace: Obj | None = None) -> RedirectSpec:
     """Pod manifest -> spec. Raises OutOfScope or SpecError (naming the annotation or flag)."""
-    reason = out_of_scope_reason(pod)
-    if reason:
-        raise OutOfScope(reason)
-    proxy = proxy_container(pod)
-    assert proxy is not None
     annotations = annotations_of(pod)
+    reason = out_of_scope_reason(pod)
+    proxy = proxy_container(pod)
+    if reason or proxy is None:
+        if not _mapping(pod.get("spec")).get("hostNetwork") and any(
+            a in annotations for a in TRAFFIC_ANNOTATIONS
+        ):
+            # Traffic annotations are wrong whatever else the pod is: say so before "not ours".
+            _from_cni_semantics(pod, {}, annotations, namespace)
+        raise OutOfScope(reason or "no proxy")
     ipv6 = pod_has_ipv6(pod)
 
     if ANN_IPTABLES_ARGS in annotations:
