@@ -1,0 +1,99 @@
+"""``dev``: tools for a developer at a terminal, not for a cluster.
+
+``dev cluster`` starts the same real control plane the cluster tests use (etcd and kube-apiserver
+on loopback, see ``testing/controlplane.py``), prints its kubeconfig and waits until Ctrl-C, so a
+person can point kubectl, helm or the agent at a real API server without a kubelet or a VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from ..testing.binaries import BinaryNotFoundError
+from ..testing.controlplane import ControlPlane, ControlPlaneError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="istio-pod-network-controller dev",
+        description="Developer tools.",
+    )
+    sub = parser.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    cluster = sub.add_parser(
+        "cluster",
+        help="run a local etcd + kube-apiserver until Ctrl-C and print its kubeconfig",
+        description=(
+            "Start a real etcd and kube-apiserver on loopback (no kubelet, scheduler or "
+            "controller-manager), print the admin kubeconfig path and wait until Ctrl-C or SIGTERM; "
+            "then stop both and remove their temporary folder."
+        ),
+    )
+    cluster.add_argument(
+        "--kubeconfig",
+        type=Path,
+        metavar="PATH",
+        help="also copy the admin kubeconfig to PATH (valid while the cluster runs)",
+    )
+    cluster.add_argument(
+        "--ready-timeout", type=float, default=90.0, metavar="SECONDS", help="how long to wait for /readyz"
+    )
+    return parser
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop(signal.Signals(signum).name)
+
+
+def _cluster(kubeconfig_copy: Path | None, ready_timeout: float) -> int:
+    # Both signals explicitly: a shell starts background jobs with SIGINT ignored, and Python then
+    # would not turn Ctrl-C (or `kill -INT`) into KeyboardInterrupt.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ControlPlane.start(ready_timeout=ready_timeout) as cp:
+            kubeconfig = cp.kubeconfig_path
+            if kubeconfig_copy is not None:
+                kubeconfig_copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(cp.kubeconfig_path, kubeconfig_copy)
+                kubeconfig = kubeconfig_copy
+            print(f"API server: {cp.server}")
+            print(f"kubeconfig: {kubeconfig}")
+            print(f"  export KUBECONFIG={kubeconfig}")
+            print("Ctrl-C stops it.", flush=True)
+            while True:
+                for name, code in cp.exit_codes().items():
+                    if code is not None:
+                        logs = "\n".join(f"--- {n} ---\n{t}" for n, t in cp.logs().items())
+                        print(f"dev cluster: {name} exited with status {code}\n{logs}", file=sys.stderr)
+                        return EXIT_FAILURE
+                time.sleep(1)
+    except (KeyboardInterrupt, _Stop):
+        print("\nstopped", file=sys.stderr)
+        return EXIT_OK
+    except (ControlPlaneError, BinaryNotFoundError) as e:
+        print(f"dev cluster: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if kubeconfig_copy is not None:
+            kubeconfig_copy.unlink(missing_ok=True)
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.tool == "cluster":
+        return _cluster(args.kubeconfig, args.ready_timeout)
+    raise AssertionError(f"unhandled tool {args.tool!r}")  # argparse rejects unknown ones
