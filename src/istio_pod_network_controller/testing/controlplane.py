@@ -265,15 +265,19 @@ class _Process:
         self.argv = list(argv)
         self.log_path = log_path
         self._log: IO[bytes] = log_path.open("wb")
-        self.popen = subprocess.Popen(  # noqa: S603 - argument list of a binary we built
-            self.argv,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop them in order
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
+        try:
+            self.popen = subprocess.Popen(  # noqa: S603 - argument list of a binary we built
+                self.argv,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop them in order
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        except BaseException:
+            self._log.close()
+            raise
 
     def exited(self) -> int | None:
         return self.popen.poll()
