@@ -1,0 +1,156 @@
+"""`run`: the node agent (DaemonSet). Flags, each with an environment variable for the chart."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, PROG
+
+log = logging.getLogger("istio_pod_network_controller.run")
+
+DEFAULT_LISTEN = "0.0.0.0:15300"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=f"{PROG} run",
+        description="Run the node agent: program the network namespaces of this node's meshed pods.",
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--kubeconfig",
+        default=os.environ.get("KUBECONFIG"),
+        help="kubeconfig file (env KUBECONFIG; default: in-cluster service account)",
+    )
+    p.add_argument(
+        "--node-name",
+        default=os.environ.get("NODE_NAME"),
+        help="this node's name (env NODE_NAME, from the downward API); required",
+    )
+    p.add_argument(
+        "--proc-root",
+        default=_env("IPNC_PROC_ROOT", "/proc"),
+        help="the host's /proc as mounted in the agent (env IPNC_PROC_ROOT; default /proc)",
+    )
+    p.add_argument(
+        "--iptables-backend",
+        choices=("auto", "nft", "legacy"),
+        default=_env("IPNC_IPTABLES_BACKEND", "auto"),
+        help="iptables backend inside pods (env IPNC_IPTABLES_BACKEND; default auto: the node's)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("IPNC_WORKERS", "4")),
+        help="pods programmed at once (env IPNC_WORKERS; default 4)",
+    )
+    p.add_argument(
+        "--excluded-namespaces",
+        default=_env("IPNC_EXCLUDED_NAMESPACES", ""),
+        help="comma list of namespaces never touched, besides kube-system and the agent's own "
+        "(env IPNC_EXCLUDED_NAMESPACES)",
+    )
+    p.add_argument(
+        "--listen-address",
+        default=_env("IPNC_LISTEN_ADDRESS", DEFAULT_LISTEN),
+        help=f"HOST:PORT for /metrics, /healthz, /readyz (env IPNC_LISTEN_ADDRESS; default {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default=_env("IPNC_LOG_LEVEL", "info"),
+        help="log level (env IPNC_LOG_LEVEL; default info)",
+    )
+    p.add_argument(
+        "--resync-seconds",
+        type=float,
+        default=float(_env("IPNC_RESYNC_SECONDS", "300")),
+        help="re-check every pod this often (env IPNC_RESYNC_SECONDS; default 300)",
+    )
+    return p
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"--listen-address: expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from ..observe import setup_logging
+
+    setup_logging(args.log_level)
+    if not args.node_name:
+        print(f"{PROG} run: the node name is required (--node-name or env NODE_NAME)", file=sys.stderr)
+        return EXIT_INVALID
+    if args.workers < 1:
+        print(f"{PROG} run: --workers must be at least 1", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        listen = parse_listen(args.listen_address)
+    except ValueError as exc:
+        print(f"{PROG} run: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        return asyncio.run(_run(args, listen))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def _run(args: argparse.Namespace, listen: tuple[str, int]) -> int:
+    from ..agent import Agent, AgentConfig
+    from ..cluster.api import Api, ApiError
+    from ..decide import DEFAULT_EXCLUDED_NAMESPACES
+    from ..node.apply import Applier
+    from ..node.backend import Backend, detect
+    from ..node.errors import NodeError
+    from ..observe import HealthServer, Metrics
+
+    excluded = [
+        *DEFAULT_EXCLUDED_NAMESPACES,
+        *(n.strip() for n in args.excluded_namespaces.split(",") if n.strip()),
+    ]
+    if os.environ.get("POD_NAMESPACE"):
+        excluded.append(os.environ["POD_NAMESPACE"])
+    try:
+        forced = None if args.iptables_backend == "auto" else Backend(args.iptables_backend)
+        tools = detect(forced=forced)
+        api = Api.from_kubeconfig(args.kubeconfig)
+    except (NodeError, ApiError, OSError, ValueError) as exc:
+        log.error("cannot start", extra={"error": str(exc)})
+        return EXIT_FAILURE
+    config = AgentConfig(
+        node_name=args.node_name,
+        proc_root=args.proc_root,
+        workers=args.workers,
+        excluded_namespaces=tuple(dict.fromkeys(excluded)),
+        resync_seconds=args.resync_seconds,
+    )
+    metrics = Metrics()
+    agent = Agent(config, api, Applier(tools), metrics)
+    health = HealthServer(listen, metrics, healthy=agent.healthy, ready=agent.ready.is_set)
+    health.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("starting", extra={"node": config.node_name, "listen": f"{listen[0]}:{health.port}"})
+    starting = asyncio.create_task(agent.start())
+    await stop.wait()
+    log.info("signal received: draining")
+    starting.cancel()
+    await agent.stop()
+    health.stop()
+    await api.close()
+    return EXIT_OK
