@@ -26,6 +26,7 @@ PROG = "istio-pod-network-controller"
 # name -> (module under .commands, one-line help). Added to as subcommands land.
 COMMANDS: dict[str, tuple[str, str]] = {
     "rules": ("rules", "print the redirect ruleset for istio-iptables flags or a pod manifest"),
+    "run": ("run", "the node agent (DaemonSet): program this node's meshed pods"),
     "dev": ("dev", "developer tools: 'dev cluster' runs a local etcd + kube-apiserver until Ctrl-C"),
 }
 
