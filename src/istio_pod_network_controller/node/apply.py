@@ -1,0 +1,347 @@
+"""Apply a Ruleset inside a pod's network namespace, verify it, and roll back on any failure.
+
+Per family, one ``iptables-save`` to learn what we own there now, one ``iptables-restore
+--noflush`` carrying the whole replacement (remove our old rules, write the new ones), and one
+``iptables-save`` to read the result back. Verification compares our part of the read-back with
+the same ruleset loaded into an empty scratch namespace, so both sides are in the kernel's own
+canonical form. iptables-restore commits table by table, so a failed restore can leave some tables
+changed: we then restore our previous rules from the first read. One namespace is never
+programmed by two threads at once; different namespaces proceed in parallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from ..render.ruleset import Ruleset
+from . import routes, tables
+from .backend import Family, Tools
+from .errors import ApplyError, NodeError
+from .netns import Completed, Netns, NetnsId, tool
+
+StepHook = Callable[[str, Netns], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What one apply did, for the agent's status and the ``apply`` command's summary line."""
+
+    netns: str
+    inode: int
+    backend: str
+    rules: int
+    changed: bool
+    milliseconds: float
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "netns": self.netns,
+            "inode": self.inode,
+            "backend": self.backend,
+            "rules": self.rules,
+            "changed": self.changed,
+            "ms": round(self.milliseconds, 2),
+        }
+
+
+class NamespaceLocks:
+    """One lock per namespace identity, created on demand and dropped when nobody holds it."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[NetnsId, tuple[threading.Lock, int]] = {}
+
+    @contextlib.contextmanager
+    def hold(self, key: NetnsId) -> Iterator[None]:
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            with lock:
+                yield
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users <= 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+class ExpectedCache:
+    """Our part of a ruleset as the kernel shows it after loading it into an empty namespace,
+    cached per (backend, family, text): the reference that verification compares against."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[str, Family, str], tables.Owned] = OrderedDict()
+        self._guard = threading.Lock()
+
+    @staticmethod
+    def _key(tools: Tools, family: Family, desired: tables.Desired) -> tuple[str, Family, str]:
+        return (tools.backend.value, family, tables.replace_transaction(tables.Owned(), desired))
+
+    def get(self, tools: Tools, family: Family, desired: tables.Desired) -> tables.Owned | None:
+        key = self._key(tools, family, desired)
+        with self._guard:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def compute(self, tools: Tools, family: Family, desired: tables.Desired) -> tables.Owned:
+        found = self.get(tools, family, desired)
+        if found is not None:
+            return found
+        if desired.is_empty():
+            result = tables.Owned()
+        else:
+            with scratch_netns() as scratch:
+                text = tables.replace_transaction(tables.Owned(), desired)
+                loaded = scratch.run(tools.restore_argv(family), stdin=text)
+                if not loaded.ok:
+                    raise ApplyError("prepare", f"{family.value} ruleset does not load: {loaded.reason()}")
+                saved = scratch.run(tools.save_argv(family))
+                if not saved.ok:
+                    raise ApplyError("prepare", saved.reason())
+                result = tables.owned(tables.parse_save(saved.stdout))
+        with self._guard:
+            self._items[self._key(tools, family, desired)] = result
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+        return result
+
+
+@contextlib.contextmanager
+def scratch_netns() -> Iterator[Netns]:
+    """A new, empty network namespace that lives only as long as this handle: ``unshare`` a
+    process into it, pin it by descriptor, let the process go."""
+    proc = subprocess.Popen(  # noqa: S603 -- fixed argv
+        [tool("unshare"), "--net", "--", tool("cat")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        own = os.stat("/proc/self/ns/net").st_ino
+        path = f"/proc/{proc.pid}/ns/net"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if os.stat(path).st_ino != own:
+                    break
+            except FileNotFoundError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ApplyError("prepare", "could not create a scratch network namespace (unshare --net)")
+            time.sleep(0.0005)
+        handle = Netns(path)
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    with handle:
+        yield handle
+
+
+@dataclass(slots=True)
+class _Family:
+    """Working state of one family during one apply."""
+
+    family: Family
+    desired: tables.Desired
+    before: tables.Owned | None = None
+    written: bool = False
+
+
+class Applier:
+    """Applies Rulesets with one backend. Thread-safe; share one per agent so that the
+    per-namespace lock and the verification cache are shared too."""
+
+    def __init__(self, tools: Tools, *, on_step: StepHook | None = None) -> None:
+        self.tools = tools
+        self.locks = NamespaceLocks()
+        self.expected = ExpectedCache()
+        self._on_step = on_step
+
+    def apply(self, ns: Netns, ruleset: Ruleset) -> ApplyResult:
+        """Make our rules in ``ns`` exactly ``ruleset``, verified; raise ApplyError otherwise,
+        after putting back what we owned before."""
+        started = time.perf_counter()
+        with self.locks.hold(ns.id):
+            changed = self._apply_locked(ns, ruleset)
+        return ApplyResult(
+            netns=ns.path,
+            inode=ns.inode,
+            backend=self.tools.backend.value,
+            rules=ruleset.rule_count(),
+            changed=changed,
+            milliseconds=(time.perf_counter() - started) * 1000,
+        )
+
+    def _step(self, name: str, ns: Netns) -> None:
+        if self._on_step is not None:
+            self._on_step(name, ns)
+
+    def _apply_locked(self, ns: Netns, ruleset: Ruleset) -> bool:
+        try:
+            fams = [
+                _Family(Family.IPV4, tables.desired_from_restore(ruleset.iptables)),
+                _Family(Family.IPV6, tables.desired_from_restore(ruleset.ip6tables)),
+            ]
+        except tables.RulesetFormatError as exc:
+            raise ApplyError("prepare", str(exc)) from None
+        v6_used = not fams[1].desired.is_empty()
+
+        self._step("read", ns)
+        for fam, done in zip(fams, self._saves(ns, fams), strict=True):
+            if not done.ok:
+                if fam.family is Family.IPV6 and not v6_used:
+                    fam.before = tables.Owned()  # no IPv6 in this kernel/namespace: nothing of ours there
+                    continue
+                raise ApplyError("read", self._gone_or(ns, done.reason()))
+            fam.before = tables.owned(tables.parse_save(done.stdout))
+
+        pending = [f for f in fams if not self._already(f)]
+        route_families = self._route_families(fams, ruleset, v6_used)
+        route_before: dict[Family, routes.RouteState] = {}
+        added_passthrough = False
+        if not pending and not route_families and not ruleset.ipv6_passthrough_address:
+            self._check_still_there(ns)
+            return False
+        try:
+            if ruleset.tproxy is not None:
+                self._step("policy route", ns)
+                for family in route_families:
+                    route_before[family] = routes.read_state(ns, family)
+                    routes.write(ns, family, route_before[family], routes.wanted(ruleset.tproxy))
+            if ruleset.ipv6_passthrough_address:
+                self._step("passthrough address", ns)
+                added_passthrough = routes.add_passthrough_v6(ns)
+            if pending:
+                self._step("restore", ns)
+                self._restore(ns, pending)
+            if ruleset.tproxy is None and route_families:
+                self._step("policy route", ns)
+                for family in route_families:
+                    route_before[family] = routes.read_state(ns, family)
+                    routes.write(ns, family, route_before[family], routes.RouteState())
+            self._step("verify", ns)
+            self._verify(ns, pending, ruleset, route_families)
+        except NodeError as exc:
+            rollback = self._rollback(ns, fams, route_before, added_passthrough)
+            reason = self._gone_or(ns, exc.reason)
+            raise ApplyError(exc.step, reason + rollback) from None
+        return bool(pending) or bool(route_before) or added_passthrough
+
+    def _already(self, fam: _Family) -> bool:
+        """True when our rules in this family already are the desired ones (nothing to write)."""
+        assert fam.before is not None
+        if fam.desired.is_empty():
+            return fam.before.is_empty()
+        expected = self.expected.get(self.tools, fam.family, fam.desired)
+        return expected is not None and fam.before.same_rules(expected)
+
+    def _route_families(self, fams: list[_Family], ruleset: Ruleset, v6_used: bool) -> list[Family]:
+        """Families whose policy route we must write or remove. Without TPROXY we look for an old
+        route only where our old rules show TPROXY was in use, to spare a read on every apply."""
+        if ruleset.tproxy is not None:
+            return [Family.IPV4, Family.IPV6] if v6_used else [Family.IPV4]
+        found = []
+        for fam in fams:
+            assert fam.before is not None
+            if ("mangle", "ISTIO_TPROXY") in fam.before.chains:
+                found.append(fam.family)
+        return found
+
+    def _saves(self, ns: Netns, fams: list[_Family]) -> list[Completed]:
+        running = [ns.start(self.tools.save_argv(f.family)) for f in fams]
+        return [r.wait() for r in running]
+
+    def _restore(self, ns: Netns, pending: list[_Family]) -> None:
+        texts = []
+        for fam in pending:
+            assert fam.before is not None
+            texts.append(tables.replace_transaction(fam.before, fam.desired))
+        running = [
+            ns.start(self.tools.restore_argv(f.family), stdin=text)
+            for f, text in zip(pending, texts, strict=True)
+            if text
+        ]
+        results = [r.wait() for r in running]
+        for fam in pending:
+            fam.written = True  # may be partly committed even on failure: roll back to be sure
+        for fam, done in zip([f for f, t in zip(pending, texts, strict=True) if t], results, strict=True):
+            if not done.ok:
+                raise ApplyError(f"{fam.family.value}-restore", done.reason())
+
+    def _verify(self, ns: Netns, pending: list[_Family], ruleset: Ruleset, route_fams: list[Family]) -> None:
+        if pending:
+            for fam, done in zip(pending, self._saves(ns, pending), strict=True):
+                if not done.ok:
+                    raise ApplyError("verify", f"reading back {fam.family.value}: {done.reason()}")
+                got = tables.owned(tables.parse_save(done.stdout))
+                want = self.expected.compute(self.tools, fam.family, fam.desired)
+                if not got.same_rules(want):
+                    difference = tables.describe_difference(want, got)
+                    raise ApplyError("verify", f"{fam.family.value} differs from the intended: {difference}")
+        for family in route_fams:
+            want_routes = routes.wanted(ruleset.tproxy)
+            got_routes = routes.read_state(ns, family)
+            if not got_routes.same_as(want_routes):
+                raise ApplyError("verify", f"{family.name} policy route is {got_routes}, want {want_routes}")
+        self._check_still_there(ns)
+
+    def _check_still_there(self, ns: Netns) -> None:
+        if not ns.still_at_path():
+            raise ApplyError("verify", f"network namespace {ns.path} vanished during apply")
+
+    def _gone_or(self, ns: Netns, reason: str) -> str:
+        if "vanished" not in reason and not ns.still_at_path():
+            return f"network namespace {ns.path} vanished during apply ({reason})"
+        return reason
+
+    def _rollback(
+        self,
+        ns: Netns,
+        fams: list[_Family],
+        route_before: dict[Family, routes.RouteState],
+        added_passthrough: bool,
+    ) -> str:
+        """Put back what we owned before; returns "" or a note on what could not be restored."""
+        problems: list[str] = []
+        for fam in fams:
+            if not fam.written or fam.before is None:
+                continue
+            try:
+                done = ns.run(self.tools.save_argv(fam.family))
+                if not done.ok:
+                    raise ApplyError("rollback", done.reason())
+                now = tables.owned(tables.parse_save(done.stdout))
+                if now.same_rules(fam.before):
+                    continue
+                text = tables.replace_transaction(now, tables.desired_from_owned(fam.before))
+                undone = ns.run(self.tools.restore_argv(fam.family), stdin=text)
+                if not undone.ok:
+                    raise ApplyError("rollback", undone.reason())
+            except (NodeError, tables.RulesetFormatError) as exc:
+                problems.append(f"{fam.family.value}: {exc}")
+        for family, before in route_before.items():
+            try:
+                routes.write(ns, family, routes.read_state(ns, family), before)
+            except NodeError as exc:
+                problems.append(f"{family.name} route: {exc.reason}")
+        if added_passthrough:
+            routes.remove_passthrough_v6(ns)
+        if problems:
+            return "; rollback incomplete: " + "; ".join(problems)
+        return "; previous rules restored"

@@ -1,0 +1,190 @@
+"""A network namespace held open by file descriptor, and commands run inside it.
+
+The agent never moves its own threads between namespaces: each command runs as
+``nsenter --net=/proc/self/fd/N -- ...`` with the pinned descriptor passed down, so every step
+of one apply reaches the same namespace even if its path is reused meanwhile, and the
+namespace is identified by its inode (a recreated sandbox has a new one).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import shutil
+import stat
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from .errors import LocateError, NodeError
+
+NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: which kind of namespace it is
+CLONE_NEWNET = 0x40000000
+DEFAULT_TIMEOUT = 30.0
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class NetnsId:
+    """Identity of a network namespace: nsfs device and inode, as ``stat`` shows them."""
+
+    dev: int
+    inode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """A finished command: its argv (for messages), exit status and output."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def reason(self) -> str:
+        text = (self.stderr.strip() or self.stdout.strip()).splitlines()
+        detail = "; ".join(line.strip() for line in text[:3] if line.strip())
+        return f"{Path(self.argv[0]).name} exited {self.returncode}" + (f": {detail}" if detail else "")
+
+
+def tool(name: str) -> str:
+    """Absolute path of a system binary, or a NodeError naming it."""
+    found = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin:/usr/bin:/bin")
+    if not found:
+        raise NodeError("tools", f"{name} is not installed on this node")
+    return found
+
+
+def netns_id_of(path: str | os.PathLike[str]) -> NetnsId:
+    st = os.stat(path)
+    return NetnsId(st.st_dev, st.st_ino)
+
+
+class Netns:
+    """An open network namespace. Use as a context manager, or call ``close()``."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise LocateError("open netns", f"{self.path} does not exist (namespace gone?)") from None
+        except OSError as exc:
+            raise LocateError("open netns", f"cannot open {self.path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                raise LocateError("open netns", f"{self.path} is a directory, not a namespace")
+            try:
+                kind = fcntl.ioctl(fd, NS_GET_NSTYPE)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTTY, errno.EINVAL):
+                    raise LocateError("open netns", f"{self.path} is not a namespace file") from None
+                raise
+            if kind != CLONE_NEWNET:
+                raise LocateError("open netns", f"{self.path} is a namespace, but not a network one")
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd: int | None = fd
+        self.id = NetnsId(st.st_dev, st.st_ino)
+        self._nsenter = tool("nsenter")
+
+    @property
+    def inode(self) -> int:
+        return self.id.inode
+
+    def __enter__(self) -> Netns:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __repr__(self) -> str:
+        return f"Netns({self.path!r}, inode={self.inode})"
+
+    def fileno(self) -> int:
+        if self._fd is None:
+            raise ValueError("namespace handle is closed")
+        return self._fd
+
+    def still_at_path(self) -> bool:
+        """True while ``path`` still names this namespace (not gone, not replaced)."""
+        try:
+            return netns_id_of(self.path) == self.id
+        except OSError:
+            return False
+
+    def argv(self, command: Sequence[str]) -> list[str]:
+        return [self._nsenter, f"--net=/proc/self/fd/{self.fileno()}", "--", *command]
+
+    def start(self, command: Sequence[str], *, stdin: str | None = None) -> Running:
+        """Start a command inside the namespace; ``Running.wait()`` collects it."""
+        fd = self.fileno()
+        proc = subprocess.Popen(  # noqa: S603 -- argv list, values validated by the callers
+            self.argv(command),
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(fd,),
+            text=True,
+        )
+        return Running(tuple(command), proc, stdin)
+
+    def run(
+        self, command: Sequence[str], *, stdin: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> Completed:
+        return self.start(command, stdin=stdin).wait(timeout)
+
+    def addresses(self, timeout: float = DEFAULT_TIMEOUT) -> frozenset[IPAddress]:
+        """Every IP address configured in the namespace (``ip -j addr``)."""
+        done = self.run([tool("ip"), "-j", "addr", "show"], timeout=timeout)
+        if not done.ok:
+            raise NodeError("read addresses", done.reason())
+        return parse_ip_addr_json(done.stdout)
+
+
+class Running:
+    """A started command; ``wait`` returns its Completed, killing it on timeout."""
+
+    def __init__(self, argv: tuple[str, ...], proc: subprocess.Popen[str], stdin: str | None) -> None:
+        self.argv, self._proc, self._stdin = argv, proc, stdin
+
+    def wait(self, timeout: float = DEFAULT_TIMEOUT) -> Completed:
+        try:
+            out, err = self._proc.communicate(self._stdin, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            out, err = self._proc.communicate()
+            return Completed(self.argv, -9, out, f"timed out after {timeout:g}s; {err}")
+        return Completed(self.argv, self._proc.returncode, out, err)
+
+
+def parse_ip_addr_json(text: str) -> frozenset[IPAddress]:
+    found: set[IPAddress] = set()
+    for link in json.loads(text or "[]"):
+        for info in link.get("addr_info", ()):
+            local = info.get("local")
+            if isinstance(local, str):
+                try:
+                    found.add(ipaddress.ip_address(local))
+                except ValueError:
+                    continue
+    return frozenset(found)

@@ -1,0 +1,291 @@
+"""Our part of a namespace's iptables state, and the one transaction that replaces it.
+
+A pod's namespace may hold rules that are not ours (a CNI plugin's, an admin's), so re-applying
+must touch only what we own: the chains named in ``OWN_CHAINS``, every rule that jumps into them,
+and the rules we add to other chains, which carry a comment tag because nothing else marks them.
+Pure text in, text out: the tricky half of applying is tested here without a kernel.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from ..render.ruleset import OWN_CHAINS
+
+# Marks the rules we put into chains we do not own (PREROUTING, OUTPUT, ...), so that a later
+# apply can find and remove exactly them. Unquoted in iptables-save output (letters and dashes).
+TAG = "istio-pod-network-controller"
+TAG_MATCH = f"-m comment --comment {TAG}"
+
+TABLES = ("raw", "mangle", "nat", "filter", "security")
+_CHAIN = r"[A-Za-z0-9_.-]{1,28}"
+_DECLARE = re.compile(rf"^(?:-N\s+({_CHAIN})|:({_CHAIN})\s+-(?:\s+\[\d+:\d+\])?)$")
+_RULE = re.compile(rf"^(-A|-I)\s+({_CHAIN})(?:\s+(\d+))?\s+(\S.*)$")
+
+
+class RulesetFormatError(ValueError):
+    """A restore text uses a form the node side does not apply (it only accepts what the
+    renderer writes: ``*table``, ``-N``, ``:chain``, ``-A``, ``-I``, ``COMMIT``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """One chain as ``iptables-save`` shows it; ``policy`` is None for a user-defined chain."""
+
+    name: str
+    policy: str | None
+    rules: tuple[str, ...]  # rule specs, the text after "-A NAME "
+
+
+@dataclass(frozen=True, slots=True)
+class SavedState:
+    """One family's whole ruleset as read back with ``iptables-save``: table -> chains, in order."""
+
+    tables: Mapping[str, tuple[Chain, ...]]
+
+    def chain(self, table: str, name: str) -> Chain | None:
+        for chain in self.tables.get(table, ()):
+            if chain.name == name:
+                return chain
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Placed:
+    """One of our rules in a chain we do not own, with its 1-based position there."""
+
+    position: int
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """What we own in one family's ruleset.
+
+    ``chains``: (table, own chain) -> its rules. ``placed``: (table, foreign chain) -> our rules
+    there with positions. Equality for verification ignores positions (others' rules move them).
+    """
+
+    chains: Mapping[tuple[str, str], tuple[str, ...]] = field(default_factory=dict)
+    placed: Mapping[tuple[str, str], tuple[Placed, ...]] = field(default_factory=dict)
+
+    def is_empty(self) -> bool:
+        return not self.chains and not self.placed
+
+    def comparable(self) -> tuple[tuple[tuple[str, str, str], tuple[str, ...]], ...]:
+        own = [((t, c, "chain"), rules) for (t, c), rules in self.chains.items()]
+        foreign = [((t, c, "placed"), tuple(p.rule for p in ps)) for (t, c), ps in self.placed.items()]
+        return tuple(sorted(own + foreign))
+
+    def same_rules(self, other: Owned) -> bool:
+        return self.comparable() == other.comparable()
+
+    def rule_lines(self) -> list[str]:
+        """Our rules as ``table CHAIN rule`` lines, for messages."""
+        out = [f"{t} {c} {r}" for (t, c), rules in self.chains.items() for r in rules]
+        out += [f"{t} {c} {p.rule}" for (t, c), ps in self.placed.items() for p in ps]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """What we want to own in one family: per table, the own chains that must exist and the rule
+    lines (``-A CHAIN spec`` / ``-I CHAIN N spec``) that fill them, in order."""
+
+    chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    lines: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def tables(self) -> list[str]:
+        return [t for t in TABLES if t in self.chains or t in self.lines]
+
+    def is_empty(self) -> bool:
+        return not any(self.chains.values()) and not any(self.lines.values())
+
+
+def parse_save(text: str) -> SavedState:
+    """Parse ``iptables-save`` output (comments and counters ignored)."""
+    tables: dict[str, list[Chain]] = {}
+    table: str | None = None
+    chains: dict[str, tuple[str | None, list[str]]] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            table = line[1:].strip()
+            chains = {}
+        elif line == "COMMIT":
+            if table is not None:
+                tables[table] = [Chain(n, p, tuple(r)) for n, (p, r) in chains.items()]
+            table = None
+        elif table is None:
+            raise RulesetFormatError(f"iptables-save line outside a table: {line!r}")
+        elif line.startswith(":"):
+            name, _, rest = line[1:].partition(" ")
+            policy = rest.split(" ", 1)[0] if rest else "-"
+            chains[name] = (None if policy == "-" else policy, [])
+        elif line.startswith("-A "):
+            _, name, spec = [*line.split(" ", 2), ""][:3]
+            if name not in chains:
+                raise RulesetFormatError(f"rule for an undeclared chain: {line!r}")
+            chains[name][1].append(spec)
+        else:
+            raise RulesetFormatError(f"unexpected iptables-save line: {line!r}")
+    return SavedState({t: tuple(c) for t, c in tables.items()})
+
+
+def _tokens(spec: str) -> list[str]:
+    try:
+        return shlex.split(spec)
+    except ValueError:
+        return spec.split()
+
+
+def _is_ours(table: str, spec: str) -> bool:
+    tokens = _tokens(spec)
+    own = OWN_CHAINS.get(table, ())
+    for i, tok in enumerate(tokens[:-1]):
+        if tok in ("-j", "--jump", "-g", "--goto") and tokens[i + 1] in own:
+            return True
+        if tok == "--comment" and tokens[i + 1] == TAG:
+            return True
+    return False
+
+
+def owned(state: SavedState) -> Owned:
+    """Pick out our part of a saved ruleset."""
+    chains: dict[tuple[str, str], tuple[str, ...]] = {}
+    placed: dict[tuple[str, str], tuple[Placed, ...]] = {}
+    for table, table_chains in state.tables.items():
+        own = OWN_CHAINS.get(table, ())
+        for chain in table_chains:
+            if chain.policy is None and chain.name in own:
+                chains[(table, chain.name)] = chain.rules
+                continue
+            ours = tuple(Placed(i, r) for i, r in enumerate(chain.rules, 1) if _is_ours(table, r))
+            if ours:
+                placed[(table, chain.name)] = ours
+    return Owned(chains, placed)
+
+
+def desired_from_restore(text: str) -> Desired:
+    """Read a rendered ``--noflush`` restore text into a Desired, tagging the rules it adds to
+    chains we do not own. Rejects any form we could not later undo."""
+    chains: dict[str, list[str]] = {}
+    lines: dict[str, list[str]] = {}
+    table: str | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "\0" in line or "\r" in line:
+            raise RulesetFormatError("control character in a rule line")
+        if line.startswith("*"):
+            if table is not None:
+                raise RulesetFormatError(f"table {table} not committed before {line!r}")
+            table = line[1:].strip()
+            if table not in TABLES:
+                raise RulesetFormatError(f"unknown table {table!r}")
+            chains.setdefault(table, [])
+            lines.setdefault(table, [])
+            continue
+        if table is None:
+            raise RulesetFormatError(f"line outside a table: {line!r}")
+        if line == "COMMIT":
+            table = None
+            continue
+        own = OWN_CHAINS.get(table, ())
+        declared = _DECLARE.match(line)
+        if declared:
+            name = declared.group(1) or declared.group(2)
+            if name not in own:
+                raise RulesetFormatError(f"chain {name!r} in table {table} is not one we own")
+            if name not in chains[table]:
+                chains[table].append(name)
+            continue
+        rule = _RULE.match(line)
+        if not rule:
+            raise RulesetFormatError(f"unsupported restore line: {line!r}")
+        verb, name, position, spec = rule.groups()
+        if verb == "-A" and position is not None:
+            spec = f"{position} {spec}"
+            position = None
+        if name in own:
+            if name not in chains[table]:
+                raise RulesetFormatError(f"rule for a chain not created first: {line!r}")
+            lines[table].append(line)
+            continue
+        head = f"{verb} {name}" + (f" {position}" if position else "")
+        lines[table].append(f"{head} {TAG_MATCH} {spec}")
+    if table is not None:
+        raise RulesetFormatError(f"table {table} not committed")
+    return Desired(
+        {t: tuple(c) for t, c in chains.items() if c},
+        {t: tuple(ls) for t, ls in lines.items() if ls},
+    )
+
+
+def desired_from_owned(current: Owned) -> Desired:
+    """The Desired that recreates ``current`` exactly: used to roll back. Our rules in others'
+    chains go back to their old positions (exact while the others' rules are unchanged)."""
+    chains: dict[str, list[str]] = {}
+    lines: dict[str, list[str]] = {}
+    for (table, name), rules in current.chains.items():
+        chains.setdefault(table, []).append(name)
+        lines.setdefault(table, []).extend(f"-A {name} {r}".rstrip() for r in rules)
+    for (table, name), placed in current.placed.items():
+        for p in sorted(placed, key=lambda p: p.position):
+            lines.setdefault(table, []).append(f"-I {name} {p.position} {p.rule}".rstrip())
+    return Desired({t: tuple(c) for t, c in chains.items()}, {t: tuple(ls) for t, ls in lines.items()})
+
+
+def replace_transaction(current: Owned, desired: Desired) -> str:
+    """One ``iptables-restore --noflush`` text that turns our part of the namespace from
+    ``current`` into ``desired``: remove our rules from others' chains, create or flush the
+    chains we keep, flush and delete the ones we drop, then write the new rules. "" when there
+    is nothing to do."""
+    out: list[str] = []
+    tables = {t for t, _ in current.chains} | {t for t, _ in current.placed} | set(desired.tables())
+    for table in (t for t in TABLES if t in tables):
+        body: list[str] = []
+        for (t, name), placed in current.placed.items():
+            if t == table:
+                body += [f"-D {name} {p.rule}".rstrip() for p in placed]
+        keep = desired.chains.get(table, ())
+        body += [f":{name} - [0:0]" for name in keep]
+        drop = [name for (t, name) in current.chains if t == table and name not in keep]
+        body += [f"-F {name}" for name in drop]
+        body += [f"-X {name}" for name in drop]
+        body += list(desired.lines.get(table, ()))
+        if body:
+            out += [f"*{table}", *body, "COMMIT"]
+    return "\n".join(out) + "\n" if out else ""
+
+
+def describe_difference(want: Owned, got: Owned, limit: int = 4) -> str:
+    """A short human account of how ``got`` differs from ``want``."""
+    want_lines, got_lines = _multiset(want.rule_lines()), _multiset(got.rule_lines())
+    missing = [line for line in want_lines if line not in got_lines]
+    extra = [line for line in got_lines if line not in want_lines]
+    parts: list[str] = []
+    if missing:
+        parts.append("missing " + "; ".join(missing[:limit]))
+    if extra:
+        parts.append("unexpected " + "; ".join(extra[:limit]))
+    want_chains = {k for k in want.chains}
+    got_chains = {k for k in got.chains}
+    if want_chains != got_chains:
+        parts.append(f"chains {sorted(got_chains)} instead of {sorted(want_chains)}")
+    return ", ".join(parts) or "same rules in a different order"
+
+
+def _multiset(lines: Iterable[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out: list[str] = []
+    for line in lines:
+        seen[line] = seen.get(line, 0) + 1
+        out.append(f"{line} (#{seen[line]})" if seen[line] > 1 else line)
+    return out
