@@ -76,7 +76,8 @@ def test_app_outbound_tcp_to_any_address_reaches_15001_with_original_destination
     world: World, family: int
 ) -> None:
     world.apply(ruleset("--ipv6"))
-    for host, port in [(ELSEWHERE[family], 80), (at(world.peer, family), 8080), (at(world.peer, family), 9090)]:
+    peer = at(world.peer, family)
+    for host, port in [(ELSEWHERE[family], 80), (peer, 8080), (peer, 9090)]:
         reply = served(world.app.tcp(host, port))
         assert (reply["server"], reply["port"]) == ("proxy", 15001)
         assert reply["orig"] == [host, port]
