@@ -155,7 +155,7 @@ def add_passthrough_v6(ns: Netns) -> bool:
     done = ns.run([tool("ip"), "-6", "addr", "add", PASSTHROUGH_V6, "dev", "lo"])
     if done.ok:
         return True
-    if "File exists" in done.stderr:
+    if "File exists" in done.stderr or "already assigned" in done.stderr:
         return False
     raise ApplyError("passthrough address", done.reason())
 

@@ -17,6 +17,7 @@ import secrets
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,7 +268,14 @@ class Netlab:
     def sleeper(self, netns: str | None) -> Process:
         """A ``sleep`` process in ``netns`` (a path; None: this one), e.g. a fake pod's pause."""
         argv = ["nsenter", f"--net={netns}", "sleep", "3600"] if netns else ["sleep", "3600"]
-        return self.spawn(argv, what="sleeper")
+        proc = self.spawn(argv, what="sleeper")
+        if netns:
+            want, deadline = os.stat(netns).st_ino, time.monotonic() + 10
+            while os.stat(f"/proc/{proc.pid}/ns/net").st_ino != want:
+                if proc.popen.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"sleeper did not enter {netns}")
+                time.sleep(0.001)
+        return proc
 
     def close(self) -> None:
         for proc in reversed(self._processes):

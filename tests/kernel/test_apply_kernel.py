@@ -1,0 +1,239 @@
+"""Applying into a real namespace with each backend: re-apply, replace, others' rules, failures.
+
+What we pin here is the state of the kernel's tables as iptables-save shows it, before and after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from istio_pod_network_controller.node import tables
+from istio_pod_network_controller.node.apply import Applier
+from istio_pod_network_controller.node.backend import Family, Tools
+from istio_pod_network_controller.node.errors import ApplyError, LocateError
+from istio_pod_network_controller.node.netns import Netns
+from istio_pod_network_controller.render import Ruleset
+from istio_pod_network_controller.testing.netlab import Netlab
+
+from .conftest import ruleset
+
+pytestmark = pytest.mark.kernel
+
+# Rules a CNI plugin or an admin might have put in a pod's namespace before us.
+FOREIGN = [
+    ["-t", "nat", "-N", "CNI-HOSTPORT"],
+    [
+        "-t",
+        "nat",
+        "-A",
+        "CNI-HOSTPORT",
+        "-p",
+        "tcp",
+        "--dport",
+        "30080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        ":80",
+    ],
+    ["-t", "nat", "-A", "PREROUTING", "-j", "CNI-HOSTPORT"],
+    ["-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "7777", "-j", "RETURN"],
+    ["-t", "mangle", "-A", "OUTPUT", "-p", "udp", "--dport", "7777", "-j", "MARK", "--set-mark", "7"],
+    ["-t", "filter", "-A", "INPUT", "-p", "tcp", "--dport", "7778", "-j", "DROP"],
+]
+
+
+def save(ns: Netns, tools: Tools, family: Family = Family.IPV4) -> str:
+    """iptables-save without its timestamp comments."""
+    done = ns.run(tools.save_argv(family))
+    assert done.ok, done.reason()
+    return "".join(line + "\n" for line in done.stdout.splitlines() if not line.startswith("#"))
+
+
+def ruleset_lines(ns: Netns, tools: Tools, family: Family = Family.IPV4) -> list[str]:
+    """Every chain and rule, per table, leaving out tables that hold nothing (a failed legacy
+    restore may leave an empty table loaded, which changes no behaviour)."""
+    state = tables.parse_save(save(ns, tools, family))
+    out: list[str] = []
+    for table, chains in sorted(state.tables.items()):
+        if all(c.policy is not None and not c.rules for c in chains):
+            continue
+        for chain in chains:
+            out.append(f"{table} :{chain.name} {chain.policy or '-'}")
+            out += [f"{table} -A {chain.name} {rule}" for rule in chain.rules]
+    return out
+
+
+def ours(ns: Netns, tools: Tools, family: Family = Family.IPV4) -> list[str]:
+    return sorted(tables.owned(tables.parse_save(save(ns, tools, family))).rule_lines())
+
+
+def add_foreign_rules(ns: Netns, tools: Tools) -> None:
+    for family in Family:
+        for rule in FOREIGN:
+            done = ns.run([tools.command(family), "-w", *rule])
+            assert done.ok, done.reason()
+
+
+@pytest.fixture
+def pod_ns(lab: Netlab) -> Iterator[Netns]:
+    with Netns(lab.add_pod("pod").path) as ns:
+        yield ns
+
+
+def test_same_spec_twice_gives_a_byte_identical_ruleset(pod_ns: Netns, backend_tools: Tools) -> None:
+    applier = Applier(backend_tools)
+    first = applier.apply(pod_ns, ruleset("--ipv6", "--redirect-dns", "--capture-all-dns"))
+    after_first = (save(pod_ns, backend_tools), save(pod_ns, backend_tools, Family.IPV6))
+    second = applier.apply(pod_ns, ruleset("--ipv6", "--redirect-dns", "--capture-all-dns"))
+    assert (first.changed, second.changed) == (True, False)
+    assert (save(pod_ns, backend_tools), save(pod_ns, backend_tools, Family.IPV6)) == after_first
+
+
+def test_reapplying_after_a_different_spec_restores_the_same_bytes(
+    pod_ns: Netns, backend_tools: Tools
+) -> None:
+    add_foreign_rules(pod_ns, backend_tools)
+    applier = Applier(backend_tools)
+    applier.apply(pod_ns, ruleset("--ipv6"))
+    before = save(pod_ns, backend_tools), save(pod_ns, backend_tools, Family.IPV6)
+    applier.apply(pod_ns, ruleset("--ipv6", "-m", "TPROXY", "--drop-invalid", "-c", "eth9"))
+    applier.apply(pod_ns, ruleset("--ipv6"))
+    # mangle now exists (TPROXY loaded it); compare the tables the first apply had.
+    assert ruleset_lines(pod_ns, backend_tools) == _lines(before[0])
+    assert ruleset_lines(pod_ns, backend_tools, Family.IPV6) == _lines(before[1])
+
+
+def _lines(text: str) -> list[str]:
+    state = tables.parse_save(text)
+    out: list[str] = []
+    for table, chains in sorted(state.tables.items()):
+        if all(c.policy is not None and not c.rules for c in chains):
+            continue
+        for chain in chains:
+            out.append(f"{table} :{chain.name} {chain.policy or '-'}")
+            out += [f"{table} -A {chain.name} {rule}" for rule in chain.rules]
+    return out
+
+
+def test_changed_spec_leaves_no_rule_of_the_old_one(lab: Netlab, backend_tools: Tools) -> None:
+    applier = Applier(backend_tools)
+    big = ruleset(
+        "--ipv6", "-m", "TPROXY", "--drop-invalid", "--redirect-dns", "--capture-all-dns", "-c", "eth9"
+    )
+    small = ruleset("-b", "8080", "-i", "10.0.0.0/8")
+    with Netns(lab.add_pod("reused").path) as reused, Netns(lab.add_pod("fresh").path) as fresh:
+        applier.apply(reused, big)
+        assert any("ISTIO_DROP" in line for line in ours(reused, backend_tools))
+        applier.apply(reused, small)
+        applier.apply(fresh, small)
+        for family in Family:
+            assert ours(reused, backend_tools, family) == ours(fresh, backend_tools, family)
+        assert ours(reused, backend_tools, Family.IPV6) == []
+        assert "ISTIO" not in save(reused, backend_tools, Family.IPV6)
+        assert "133" not in reused.run(["ip", "rule", "show"]).stdout
+
+
+def test_rules_of_others_are_left_alone(pod_ns: Netns, backend_tools: Tools) -> None:
+    empty = save(pod_ns, backend_tools), save(pod_ns, backend_tools, Family.IPV6)
+    add_foreign_rules(pod_ns, backend_tools)
+    theirs = ruleset_lines(pod_ns, backend_tools), ruleset_lines(pod_ns, backend_tools, Family.IPV6)
+    applier = Applier(backend_tools)
+    applier.apply(pod_ns, ruleset("--ipv6", "-m", "TPROXY", "--drop-invalid"))
+    applier.apply(pod_ns, ruleset("--ipv6", "-c", "eth9", "-k", "eth8"))
+    for family, expected in zip(Family, theirs, strict=True):
+        now = ruleset_lines(pod_ns, backend_tools, family)
+        kept = [line for line in now if "ISTIO" not in line and tables.TAG not in line]
+        assert kept == expected
+    # Removing our rules gives back exactly what the others had.
+    applier.apply(pod_ns, Ruleset("", ""))
+    assert ruleset_lines(pod_ns, backend_tools) == theirs[0]
+    assert ruleset_lines(pod_ns, backend_tools, Family.IPV6) == theirs[1]
+    assert empty != (save(pod_ns, backend_tools), save(pod_ns, backend_tools, Family.IPV6))
+
+
+def _break_nat(text: str) -> str:
+    """A ruleset that the kernel refuses in its nat table only (after mangle was committed)."""
+    assert "* mangle" in text and "* nat" in text
+    return text.replace("-A ISTIO_OUTPUT -j ISTIO_REDIRECT", "-A ISTIO_OUTPUT -j ISTIO_NO_SUCH_CHAIN")
+
+
+def test_failed_restore_leaves_the_previous_ruleset_intact(pod_ns: Netns, backend_tools: Tools) -> None:
+    add_foreign_rules(pod_ns, backend_tools)
+    applier = Applier(backend_tools)
+    applier.apply(pod_ns, ruleset("--ipv6"))
+    before = ruleset_lines(pod_ns, backend_tools), ruleset_lines(pod_ns, backend_tools, Family.IPV6)
+    good = ruleset("--ipv6", "--drop-invalid")
+    broken = Ruleset(_break_nat(good.iptables), good.ip6tables)
+    with pytest.raises(ApplyError) as failed:
+        applier.apply(pod_ns, broken)
+    assert failed.value.step == "iptables-restore"
+    assert "ISTIO_NO_SUCH_CHAIN" in failed.value.reason or "line" in failed.value.reason
+    assert "previous rules restored" in failed.value.reason
+    assert (ruleset_lines(pod_ns, backend_tools), ruleset_lines(pod_ns, backend_tools, Family.IPV6)) == before
+
+
+def test_failed_ipv6_restore_rolls_back_ipv4(pod_ns: Netns, backend_tools: Tools) -> None:
+    applier = Applier(backend_tools)
+    applier.apply(pod_ns, ruleset("--ipv6"))
+    before = ruleset_lines(pod_ns, backend_tools), ruleset_lines(pod_ns, backend_tools, Family.IPV6)
+    good = ruleset("--ipv6", "--drop-invalid", "-o", "9999")
+    broken = Ruleset(good.iptables, _break_nat(good.ip6tables))
+    with pytest.raises(ApplyError) as failed:
+        applier.apply(pod_ns, broken)
+    assert failed.value.step == "ip6tables-restore"
+    assert (ruleset_lines(pod_ns, backend_tools), ruleset_lines(pod_ns, backend_tools, Family.IPV6)) == before
+
+
+def test_a_ruleset_creating_a_chain_we_do_not_own_is_refused_untouched(
+    pod_ns: Netns, nft_tools: Tools
+) -> None:
+    before = save(pod_ns, nft_tools)
+    bad = Ruleset("* nat\n-N KUBE-SERVICES\n-A KUBE-SERVICES -j RETURN\nCOMMIT\n", "")
+    with pytest.raises(ApplyError) as failed:
+        Applier(nft_tools).apply(pod_ns, bad)
+    assert failed.value.step == "prepare"
+    assert "KUBE-SERVICES" in failed.value.reason
+    assert save(pod_ns, nft_tools) == before
+
+
+def test_tampering_seen_at_read_back_is_an_error(pod_ns: Netns, nft_tools: Tools) -> None:
+    def tamper(step: str, ns: Netns) -> None:
+        if step == "verify":
+            cmd = [nft_tools.command(Family.IPV4), "-t", "nat", "-D", "ISTIO_OUTPUT", "-j", "ISTIO_REDIRECT"]
+            assert ns.run(cmd).ok
+
+    with pytest.raises(ApplyError) as failed:
+        Applier(nft_tools, on_step=tamper).apply(pod_ns, ruleset())
+    assert failed.value.step == "verify"
+    assert "missing" in failed.value.reason and "ISTIO_REDIRECT" in failed.value.reason
+    assert ours(pod_ns, nft_tools) == []  # rolled back to the (empty) state before
+
+
+def test_namespace_deleted_mid_apply_gives_a_clear_error(lab: Netlab, nft_tools: Tools) -> None:
+    pod = lab.add_pod("doomed")
+
+    def vanish(step: str, ns: Netns) -> None:
+        if step == "restore":
+            lab.remove_netns(pod.path)
+
+    with Netns(pod.path) as ns, pytest.raises(ApplyError) as failed:
+        Applier(nft_tools, on_step=vanish).apply(ns, ruleset())
+    assert "vanished" in failed.value.reason
+    with pytest.raises(LocateError):
+        Netns(pod.path)
+
+
+def test_pod_process_exiting_mid_apply_gives_a_clear_error(lab: Netlab, nft_tools: Tools) -> None:
+    sandbox = lab.sleeper(lab.add_netns("sandbox"))
+    lab.remove_netns(f"{lab.prefix}-sandbox")  # only the process keeps the namespace now
+
+    def exit_pod(step: str, ns: Netns) -> None:
+        if step == "restore":
+            sandbox.stop()
+
+    with Netns(f"/proc/{sandbox.pid}/ns/net") as ns, pytest.raises(ApplyError) as failed:
+        Applier(nft_tools, on_step=exit_pod).apply(ns, ruleset())
+    assert "vanished" in failed.value.reason
