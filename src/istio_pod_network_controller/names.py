@@ -21,7 +21,9 @@ IPTABLES_ARGS = "pod-network-controller.istio.io/iptables-args"
 WAITER_CONTAINER = "istio-pod-network-init"
 PODINFO_VOLUME = "istio-pod-network-podinfo"
 PODINFO_PATH = "/etc/podinfo"
+PODINFO_ANNOTATIONS = "annotations"  # the downward API item (file name) holding metadata.annotations
 ANNOTATIONS_FILE = "/etc/podinfo/annotations"
+WAITER_SUBCOMMAND = "init"
 
 # Istio.
 SIDECAR_STATUS = "sidecar.istio.io/status"

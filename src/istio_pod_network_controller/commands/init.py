@@ -1,0 +1,97 @@
+"""`init`: the waiting init container's entry point (see ``waiter``).
+
+Imports only the waiter and the pure spec layer, so it starts fast in every meshed pod. Prints
+progress to stderr and exactly one closing line: on stdout when the pod may start, on stderr
+when it may not (with ``terminationMessagePolicy: FallbackToLogsOnError`` that line becomes the
+container's termination message, without writing a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import names
+from ..cli import EXIT_INVALID, EXIT_OK, PROG
+from ..waiter import DEFAULT_TIMEOUT, DEFAULT_VERIFY_TIMEOUT, Options, run
+
+PREFIX = f"{PROG} {names.WAITER_SUBCOMMAND}"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PREFIX,
+        description=(
+            "Wait until the node agent has programmed this pod's network namespace "
+            f"({names.STATUS}={names.STATUS_INITIALIZED} for this container's namespace), then exit 0. "
+            "Exit 1 on the agent's error, a timeout or a failed --verify; 2 on invalid input."
+        ),
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--file",
+        default=names.ANNOTATIONS_FILE,
+        metavar="PATH",
+        help=f"the downward API annotations file (default {names.ANNOTATIONS_FILE})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up after this long (default {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="after the mark, prove that outbound traffic reaches the proxy port",
+    )
+    parser.add_argument(
+        "--verify-timeout",
+        type=_seconds,
+        default=DEFAULT_VERIFY_TIMEOUT,
+        metavar="SECONDS",
+        help=f"how long the --verify connection may take (default {DEFAULT_VERIFY_TIMEOUT:g})",
+    )
+    return parser
+
+
+def _log(line: str) -> None:
+    print(f"{PREFIX}: {line}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str]) -> int:
+    parser = build_parser()
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        return EXIT_OK
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(f"{PREFIX}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    options = Options(
+        file=args.file, timeout=args.timeout, verify=args.verify, verify_timeout=args.verify_timeout
+    )
+    code, line = run(options, log=_log)
+    print(f"{PREFIX}: {line}", file=sys.stdout if code == EXIT_OK else sys.stderr, flush=True)
+    return code

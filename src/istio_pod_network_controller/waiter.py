@@ -1,0 +1,450 @@
+"""The waiting init container: hold the pod back until the agent has programmed *this* sandbox.
+
+It runs in every meshed pod with no privileges at all (any non-root UID but the proxy's, no
+capabilities, read-only root file system), so it can only read: its pod's annotations from the
+downward API volume, and the inode of its own network namespace. It passes when the agent's mark
+(``status: initialized``) names that inode, so a mark left from an earlier sandbox of the same
+pod never counts. It notices a change at once through inotify on the volume's directory (the
+kubelet swaps a ``..data`` symlink there), re-reading at least every second in case an event is
+missed, and falls back to polling every 50 ms where inotify cannot be had.
+
+``--verify`` proves what the mark claims, as linkerd's network-validator does: it listens on the
+proxy's outbound port, connects to a TEST-NET address that the pod's rules capture, and requires
+the random token its own listener sends, plus the original destination the kernel recorded. Which
+address the rules capture is decided from the same spec the agent builds, read from the pod's
+annotations (the webhook's copy of istio-init's args, or the traffic annotations); when the rules
+would not capture any candidate, the check is skipped and says why.
+
+Nothing here writes a file. Every outcome is one line, and an exit status (see ``cli``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import struct
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from . import names
+from .podinfo import PodinfoFormatError, read_annotations
+from .spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
+from .spec.pod import PROXY_CONTAINER
+
+DEFAULT_TIMEOUT = 300.0
+POLL_INTERVAL = 0.05  # without inotify
+RESCAN_INTERVAL = 1.0  # with inotify: re-read anyway, in case an event was missed
+NETNS_PATH = "/proc/self/ns/net"
+
+# Reserved documentation addresses (RFC 5737): nothing real answers there, and a pod's rules
+# capture them whenever they capture "everything outside the cluster".
+VERIFY_ADDRESSES = ("192.0.2.1", "198.51.100.1", "203.0.113.1")
+VERIFY_PORTS = (80, 8080, 443)
+DEFAULT_VERIFY_TIMEOUT = 5.0
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+TOKEN_BYTES = 16
+
+
+# -- what the annotations say ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    """Not there yet; ``reason`` says what was seen instead (for the timeout line)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Initialized:
+    detail: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AgentFailed:
+    reason: str
+
+
+Observation = Waiting | Initialized | AgentFailed
+
+
+def _detail(annotations: Mapping[str, str]) -> tuple[dict[str, Any] | None, str]:
+    raw = annotations.get(names.DETAIL)
+    if raw is None:
+        return None, f"{names.DETAIL} is absent"
+    try:
+        detail = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return None, f"{names.DETAIL} is not JSON ({exc.msg})"
+    if not isinstance(detail, dict):
+        return None, f"{names.DETAIL} is not a JSON object"
+    return detail, ""
+
+
+def _inode_of(detail: Mapping[str, Any]) -> int | None:
+    inode = detail.get("netnsInode")
+    return inode if isinstance(inode, int) and not isinstance(inode, bool) else None
+
+
+def observe(annotations: Mapping[str, str], netns_inode: int) -> Observation:
+    """The agent's mark, judged for the network namespace this process is in."""
+    status = annotations.get(names.STATUS)
+    if status is None:
+        return Waiting(f"{names.STATUS} is absent")
+    if status == names.STATUS_INITIALIZED:
+        detail, problem = _detail(annotations)
+        if detail is None:
+            return Waiting(f"{names.STATUS} is {status!r} but {problem}")
+        inode = _inode_of(detail)
+        if inode is None:
+            return Waiting(f"{names.STATUS} is {status!r} but its detail has no integer netnsInode")
+        if inode != netns_inode:
+            return Waiting(
+                f"{names.STATUS} is {status!r} for network namespace {inode}, an earlier sandbox "
+                f"(ours is {netns_inode})"
+            )
+        return Initialized(detail)
+    if status == names.STATUS_ERROR:
+        detail, _ = _detail(annotations)
+        detail = detail or {}
+        inode = _inode_of(detail)
+        if inode is not None and inode != netns_inode:
+            return Waiting(f"{names.STATUS} is {status!r} for network namespace {inode}, an earlier sandbox")
+        reason = detail.get("error")
+        text = reason if isinstance(reason, str) and reason.strip() else "(the agent gave no reason)"
+        return AgentFailed(" ".join(text.split()))  # one line, whatever the annotation holds
+    return Waiting(f"{names.STATUS} is {status[:80]!r}, not {names.STATUS_INITIALIZED!r}")
+
+
+# -- waiting for a change --------------------------------------------------------------------
+
+
+class Watcher(Protocol):
+    def wait(self, timeout: float) -> None:
+        """Return when the watched file may have changed, or after ``timeout`` seconds."""
+
+    def close(self) -> None: ...
+
+
+class PollingWatcher:
+    def __init__(self, interval: float = POLL_INTERVAL, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.interval = interval
+        self._sleep = sleep
+
+    def wait(self, timeout: float) -> None:
+        self._sleep(max(0.0, min(timeout, self.interval)))
+
+    def close(self) -> None:
+        pass
+
+
+class InotifyWatcher:
+    """Wakes on any change in the file's directory: the kubelet's atomic writer renames a new
+    ``..data`` symlink into place, which shows as IN_MOVED_TO there."""
+
+    def __init__(self, directory: str, rescan: float = RESCAN_INTERVAL) -> None:
+        from inotify_simple import INotify, flags  # type: ignore[import-untyped]
+
+        self.rescan = rescan
+        self._inotify = INotify()
+        mask = (
+            flags.CREATE
+            | flags.MOVED_TO
+            | flags.MOVED_FROM
+            | flags.CLOSE_WRITE
+            | flags.MODIFY
+            | flags.DELETE
+            | flags.ATTRIB
+            | flags.DELETE_SELF
+            | flags.MOVE_SELF
+        )
+        try:
+            self._inotify.add_watch(directory, mask)
+        except OSError:
+            self._inotify.close()
+            raise
+
+    def wait(self, timeout: float) -> None:
+        wait_ms = int(max(0.0, min(timeout, self.rescan)) * 1000)
+        self._inotify.read(timeout=wait_ms)
+
+    def close(self) -> None:
+        self._inotify.close()
+
+
+def make_watcher(path: str, *, log: Callable[[str], None]) -> Watcher:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        return InotifyWatcher(directory)
+    except (OSError, ImportError) as exc:
+        log(f"inotify unavailable for {directory} ({exc}); polling every {int(POLL_INTERVAL * 1000)} ms")
+        return PollingWatcher()
+
+
+# -- the outcome -----------------------------------------------------------------------------
+
+
+class WaitFailed(Exception):
+    """Why the waiter gives up; the message is the one exit line (without the program name)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        self.exit_code = exit_code
+        super().__init__(message)
+
+
+def netns_inode(path: str = NETNS_PATH) -> int:
+    return os.stat(path).st_ino
+
+
+def wait_for_mark(
+    path: str,
+    *,
+    inode: int,
+    timeout: float,
+    watcher: Watcher,
+    clock: Callable[[], float] = time.monotonic,
+    log: Callable[[str], None] = lambda line: None,
+) -> tuple[Initialized, Mapping[str, str]]:
+    """Block until the file shows our namespace initialized; returns the mark and annotations.
+
+    Raises WaitFailed: exit 1 on the agent's error state or on timeout, 2 when the file is not
+    in the kubelet's format (the kubelet never writes such a file; waiting would not help).
+    """
+    deadline = clock() + timeout
+    last: str = ""
+    while True:
+        try:
+            annotations = read_annotations(path)
+        except FileNotFoundError:
+            annotations, seen = None, f"{path} does not exist"
+        except PodinfoFormatError as exc:
+            raise WaitFailed(f"cannot read the pod's annotations in {path}: {exc}", 2) from None
+        except OSError as exc:
+            annotations, seen = None, f"cannot read {path}: {exc.strerror or exc}"
+        if annotations is not None:
+            found = observe(annotations, inode)
+            if isinstance(found, Initialized):
+                return found, annotations
+            if isinstance(found, AgentFailed):
+                raise WaitFailed(f"the node agent could not program this pod: {found.reason}", 1)
+            seen = found.reason
+        if seen != last and last:
+            log(f"still waiting: {seen}")
+        last = seen
+        remaining = deadline - clock()
+        if remaining <= 0:
+            raise WaitFailed(
+                f"timed out after {timeout:g}s waiting for {names.STATUS}={names.STATUS_INITIALIZED} "
+                f"for network namespace {inode} in {path} (last seen: {seen})",
+                1,
+            )
+        watcher.wait(remaining)
+
+
+# -- proving the redirect --------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    address: str
+    port: int
+    proxy_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Skip:
+    reason: str
+
+
+def spec_from_annotations(annotations: Mapping[str, str]) -> RedirectSpec:
+    """The agent's spec as far as the annotations tell it (the webhook's copy of istio-init's args,
+    or the traffic annotations with the proxy's defaults). Raises SpecError or OutOfScope."""
+    pod = {
+        "metadata": {"annotations": dict(annotations)},
+        "spec": {"containers": [{"name": PROXY_CONTAINER}]},
+    }
+    return spec_from_pod(pod)
+
+
+def _captures(spec: RedirectSpec, address: ipaddress.IPv4Address, port: int, gid: int) -> bool:
+    """Whether the rendered IPv4 nat OUTPUT rules send a TCP connection from this process to
+    ``address:port`` to the proxy port; follows ``render.iptables`` rule order."""
+    if port in spec.outbound_ports_exclude:
+        return False
+    groups = spec.owner_groups
+    if groups.except_ and str(gid) in groups.values:
+        return False
+    if not groups.except_ and str(gid) not in groups.values:
+        return False
+    if address in spec.host_ipv4_loopback_cidr.interface.network:
+        return False
+    if any(c.version == 4 and address in c.interface.network for c in spec.outbound_cidrs_exclude):
+        return False
+    if port in spec.outbound_ports_include:
+        return True
+    if spec.outbound_cidrs.wildcard:
+        return True
+    return any(c.version == 4 and address in c.interface.network for c in spec.outbound_cidrs.cidrs)
+
+
+def plan_verify(spec: RedirectSpec, *, uid: int, gid: int) -> Probe | Skip:
+    """Which connection proves the redirect for this spec, or why none can."""
+    if uid in spec.proxy_uids or gid in spec.proxy_gids:
+        return Skip(f"this container runs as UID {uid} / GID {gid}, the proxy's: never captured")
+    if spec.exclude_interfaces:
+        return Skip(
+            "the rules exclude interfaces " + ",".join(spec.exclude_interfaces)
+            + ": which one a test connection leaves by cannot be told from here"
+        )  # fmt: skip
+    named = [g for g in spec.owner_groups.values if not g.isdigit()]
+    if named:
+        return Skip(f"the rules select owner groups by name ({','.join(named)}): not resolvable here")
+    for text in VERIFY_ADDRESSES:
+        address = ipaddress.IPv4Address(text)
+        for port in VERIFY_PORTS:
+            if _captures(spec, address, port, gid):
+                return Probe(text, port, spec.proxy_port)
+    return Skip(
+        "the pod's outbound capture covers none of "
+        + ", ".join(f"{a}:{p}" for a in VERIFY_ADDRESSES for p in VERIFY_PORTS)
+    )
+
+
+def _original_dst(conn: socket.socket) -> tuple[str, int]:
+    raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(packed), int(port)
+
+
+def prove_redirect(probe: Probe, *, timeout: float = DEFAULT_VERIFY_TIMEOUT) -> str:
+    """Listen on the proxy port, connect to the probe address, and require our token and the
+    original destination back. Returns a summary; raises WaitFailed (exit 1)."""
+    target = f"{probe.address}:{probe.port}"
+    token = secrets.token_hex(TOKEN_BYTES).encode()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind(("0.0.0.0", probe.proxy_port))  # where REDIRECT delivers
+        except OSError as exc:
+            reason = exc.strerror or exc
+            message = f"redirect check: cannot listen on the proxy port {probe.proxy_port}: {reason}"
+            raise WaitFailed(message, 1) from None
+        listener.listen(1)
+        listener.settimeout(timeout)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as client:
+            client.settimeout(timeout)
+            try:
+                client.connect((probe.address, probe.port))
+            except OSError as exc:
+                raise WaitFailed(
+                    f"redirect check failed: connecting to {target} did not reach the local listener on "
+                    f"port {probe.proxy_port} ({exc.strerror or exc}): outbound traffic is not redirected",
+                    1,
+                ) from None
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                raise WaitFailed(
+                    f"redirect check failed: a connection to {target} succeeded but never reached the "
+                    f"listener on port {probe.proxy_port}: something else answered for {target}",
+                    1,
+                ) from None
+            with conn:
+                original = _original_dst(conn)
+                conn.sendall(token)
+            received = b""
+            try:
+                while len(received) < len(token):
+                    chunk = client.recv(len(token) - len(received))
+                    if not chunk:
+                        break
+                    received += chunk
+            except OSError as exc:
+                raise WaitFailed(f"redirect check failed: reading the token back: {exc}", 1) from None
+    if received != token:
+        raise WaitFailed(f"redirect check failed: the connection to {target} did not carry our token", 1)
+    if original != (probe.address, probe.port):
+        raise WaitFailed(
+            f"redirect check failed: the listener saw original destination {original[0]}:{original[1]}, "
+            f"not {target}",
+            1,
+        )
+    return f"outbound redirect proven: {target} reached the proxy port {probe.proxy_port}"
+
+
+# -- the whole run ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    file: str = names.ANNOTATIONS_FILE
+    timeout: float = DEFAULT_TIMEOUT
+    verify: bool = False
+    verify_timeout: float = DEFAULT_VERIFY_TIMEOUT
+    netns_path: str = NETNS_PATH
+
+
+def run(
+    options: Options,
+    *,
+    log: Callable[[str], None],
+    watcher: Watcher | None = None,
+    uid: int | None = None,
+    gid: int | None = None,
+) -> tuple[int, str]:
+    """Wait (and verify); returns the exit code and the one exit line (without program name)."""
+    try:
+        inode = netns_inode(options.netns_path)
+    except OSError as exc:
+        return 1, f"cannot read this container's network namespace {options.netns_path}: {exc}"
+    log(
+        f"waiting up to {options.timeout:g}s for {names.STATUS}={names.STATUS_INITIALIZED} "
+        f"for network namespace {inode} (reading {options.file})"
+    )
+    own_watcher = watcher is None
+    active = watcher or make_watcher(options.file, log=log)
+    try:
+        mark, annotations = wait_for_mark(
+            options.file, inode=inode, timeout=options.timeout, watcher=active, log=log
+        )
+    except WaitFailed as exc:
+        return exc.exit_code, str(exc)
+    finally:
+        if own_watcher:
+            active.close()
+    line = f"pod initialized for network namespace {inode}" + _applied(mark.detail)
+    if not options.verify:
+        return 0, line
+    try:
+        spec = spec_from_annotations(annotations)
+    except (SpecError, OutOfScope) as exc:
+        log(f"redirect check skipped: the pod's traffic settings cannot be read from its annotations: {exc}")
+        return 0, line + "; redirect check skipped"
+    plan = plan_verify(
+        spec, uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid
+    )
+    if isinstance(plan, Skip):
+        log(f"redirect check skipped: {plan.reason}")
+        return 0, line + "; redirect check skipped"
+    try:
+        proof = prove_redirect(plan, timeout=options.verify_timeout)
+    except WaitFailed as exc:
+        return exc.exit_code, str(exc)
+    return 0, f"{line}; {proof}"
+
+
+def _applied(detail: Mapping[str, Any]) -> str:
+    parts = []
+    sha = detail.get("rulesetSha256")
+    if isinstance(sha, str) and sha:
+        parts.append(f"ruleset {sha[:12]}")
+    at = detail.get("appliedAt")
+    if isinstance(at, str) and at:
+        parts.append(f"applied {at}")
+    return f" ({', '.join(parts)})" if parts else ""
+
