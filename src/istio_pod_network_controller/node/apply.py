@@ -26,6 +26,8 @@ from .backend import Family, Tools
 from .errors import ApplyError, NodeError
 from .netns import Completed, Netns, NetnsId, tool
 
+# Called with each step's name before it runs ("read", "policy route", "passthrough address",
+# "restore", "verify") and with "done" at the end, all while the namespace's lock is held.
 StepHook = Callable[[str, Netns], None]
 
 
@@ -57,6 +59,11 @@ class NamespaceLocks:
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._locks: dict[NetnsId, tuple[threading.Lock, int]] = {}
+
+    def waiting(self, key: NetnsId) -> int:
+        """How many callers hold or wait for ``key``'s lock now."""
+        with self._guard:
+            return self._locks.get(key, (None, 0))[1]
 
     @contextlib.contextmanager
     def hold(self, key: NetnsId) -> Iterator[None]:
@@ -178,7 +185,10 @@ class Applier:
         after putting back what we owned before."""
         started = time.perf_counter()
         with self.locks.hold(ns.id):
-            changed = self._apply_locked(ns, ruleset)
+            try:
+                changed = self._apply_locked(ns, ruleset)
+            finally:
+                self._step("done", ns)
         return ApplyResult(
             netns=ns.path,
             inode=ns.inode,

@@ -194,6 +194,26 @@ class Netlab:
         self._add_netns(name)
         return str(NETNS_DIR / name)
 
+    def add_isolated(self, suffix: str, address: str) -> str:
+        """A namespace whose ``eth0`` (a veth pair with both ends inside) holds ``address`` (CIDR),
+        with a default route through it: enough for outbound connects to be routed, and so
+        redirected, while nothing can leave the namespace.
+        Cheaper than a pod on the bridge when many namespaces are needed. Returns its path."""
+        path = self.add_netns(suffix)
+        script = "link add eth0 type veth peer name eth0p\nlink set eth0p up\n"
+        script += f"addr add {address} dev eth0\nlink set eth0 up\nroute add default dev eth0\n"
+        done = subprocess.run(  # noqa: S603 -- fixed argv; the script is built from our own values
+            ["ip", "-n", Path(path).name, "-batch", "-"],
+            input=script,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"ip -batch in {path}: {done.stderr.strip()}")
+        return path
+
     def add_pod(self, suffix: str, *, ipv6: bool = True) -> Pod:
         """A pod namespace on the bridge, addressed from the lab's subnets."""
         index = len(self.pods) + 2
