@@ -1,0 +1,152 @@
+"""`apply`: program one network namespace by hand, exactly as the agent would, and verify it.
+
+For administrators and tests on a node: the ruleset comes from istio-iptables flags or a pod
+manifest (the same parsing as `rules`), the namespace from a path, a PID or a pod UID. Prints a
+one-line JSON summary; exit 0 only when the rules were applied and read back as intended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, EXIT_OUT_OF_SCOPE, PROG
+from ..node import locate
+from ..node.apply import Applier
+from ..node.backend import Backend, detect
+from ..node.errors import LocateError, NodeError
+from ..node.netns import Netns
+from ..render import Ruleset, render
+from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
+from ..spec.flags import add_redirect_flags
+from ..spec.manifest import ManifestError, load_object, load_pod
+from .rules import spec_from_cli
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SpecError("arguments", "", message)
+
+
+def _own_flags(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_argument_group("which network namespace (one of)")
+    where.add_argument(
+        "--netns", metavar="PATH", help="a namespace file: /var/run/netns/NAME, /proc/PID/ns/net"
+    )
+    where.add_argument("--pid", metavar="PID", type=int, help="a process in the pod (its network namespace)")
+    where.add_argument("--pod-uid", metavar="UID", help="find the pod's namespace through /proc cgroups")
+    parser.add_argument(
+        "--pod-ip",
+        metavar="IP",
+        action="append",
+        default=[],
+        help="with --pod-uid: the namespace must hold this IP (repeatable; default: the manifest's podIPs)",
+    )
+    parser.add_argument("--proc-root", default="/proc", help="the host's /proc (default /proc)")
+    parser.add_argument(
+        "--backend", choices=("auto", "nft", "legacy"), default="auto", help="iptables backend"
+    )
+    parser.add_argument(
+        "--pod", metavar="FILE", help="a Pod or workload manifest (JSON or YAML; - for stdin)"
+    )
+    parser.add_argument("--namespace", metavar="FILE", help="the pod's Namespace object (with --pod)")
+
+
+def own_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"{PROG} apply", add_help=False, allow_abbrev=False)
+    _own_flags(parser)
+    return parser
+
+
+def help_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} apply",
+        description="Apply and verify the redirect rules in one network namespace (root).",
+        allow_abbrev=False,
+    )
+    _own_flags(parser)
+    add_redirect_flags(parser)
+    return parser
+
+
+def _pod_ips(pod: Mapping[str, Any]) -> list[str]:
+    status = pod.get("status")
+    if not isinstance(status, Mapping):
+        return []
+    found = [e.get("ip") for e in status.get("podIPs") or () if isinstance(e, Mapping)]
+    found.append(status.get("podIP"))
+    return list(dict.fromkeys(ip for ip in found if isinstance(ip, str) and ip))
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
+    """Our own flags, then the spec: istio-iptables flags (shared with `rules`) or --pod."""
+    args, rest = own_parser().parse_known_args(argv)
+    if args.pod:
+        if rest:
+            raise SpecError(rest[0], rest[0], "give either istio-iptables flags or --pod, not both")
+        pod = load_pod(args.pod)
+        namespace = load_object(args.namespace) if args.namespace else None
+        spec = spec_from_pod(pod, namespace)
+        if not args.pod_ip:
+            args.pod_ip = _pod_ips(pod)
+        uid = (pod.get("metadata") or {}).get("uid")
+        if not (args.netns or args.pid or args.pod_uid) and isinstance(uid, str):
+            args.pod_uid = uid
+    else:
+        if args.namespace:
+            raise SpecError("--namespace", args.namespace, "--namespace goes with --pod")
+        if "--output" in rest:
+            raise SpecError("--output", "", "apply always prints one JSON line")
+        _, spec = spec_from_cli(rest)
+    chosen = [name for name in ("netns", "pid", "pod_uid") if getattr(args, name) not in (None, "")]
+    if len(chosen) != 1:
+        raise SpecError("--netns/--pid/--pod-uid", "", "give exactly one way to find the namespace")
+    if args.pod_ip and not args.pod_uid:
+        raise SpecError("--pod-ip", args.pod_ip[0], "--pod-ip goes with --pod-uid")
+    if args.pod_uid:
+        try:
+            locate.valid_pod_uid(args.pod_uid)
+            locate.parse_ips(args.pod_ip)
+        except LocateError as exc:
+            raise SpecError("--pod-uid/--pod-ip", "", exc.reason) from None
+    return args, spec
+
+
+def open_namespace(args: argparse.Namespace) -> Netns:
+    if args.netns:
+        return locate.by_path(args.netns, proc_root=args.proc_root)
+    if args.pid is not None:
+        return locate.by_pid(args.pid, proc_root=args.proc_root)
+    return locate.by_pod_uid(args.pod_uid, pod_ips=args.pod_ip, proc_root=args.proc_root)
+
+
+def run(args: argparse.Namespace, ruleset: Ruleset) -> dict[str, object]:
+    forced = None if args.backend == "auto" else Backend(args.backend)
+    applier = Applier(detect(forced=forced))
+    with open_namespace(args) as ns:
+        return applier.apply(ns, ruleset).summary()
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        help_parser().print_help()
+        return EXIT_OK
+    try:
+        args, spec = parse(argv)
+    except OutOfScope as exc:
+        print(f"{PROG} apply: out of scope: {exc.reason}", file=sys.stderr)
+        return EXIT_OUT_OF_SCOPE
+    except (SpecError, ManifestError) as exc:
+        print(f"{PROG} apply: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        summary = run(args, render(spec))
+    except NodeError as exc:
+        print(json.dumps({"ok": False, "step": exc.step, "reason": exc.reason}))
+        print(f"{PROG} apply: failed at {exc.step}: {exc.reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps({"ok": True, **summary}))
+    return EXIT_OK
