@@ -264,7 +264,7 @@ class _Process:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
+        self._log: IO[bytes] = log_path.open("ab")  # append: a restarted server keeps the earlier log
         try:
             self.popen = subprocess.Popen(  # noqa: S603 - argument list of a binary we built
                 self.argv,
@@ -412,31 +412,29 @@ class ControlPlane:
         self._wait_etcd(deadline)
         self.timings["etcd"] = time.monotonic() - t0
 
+        self._apiserver_argv = [
+            str(paths["kube-apiserver"]),
+            f"--etcd-servers={self.etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            f"--cert-dir={self.workdir / 'pki'}",
+            f"--tls-cert-file={certs.serving_cert}",
+            f"--tls-private-key-file={certs.serving_key}",
+            f"--client-ca-file={certs.ca_cert}",
+            f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+            f"--service-account-key-file={certs.sa_public_key}",
+            f"--service-account-signing-key-file={certs.sa_signing_key}",
+            f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=PodSecurity,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
+            "--disable-admission-plugins=ServiceAccount",
+            "--allow-privileged=true",
+            "--profiling=false",
+            *extra_apiserver_args,
+        ]
         self._apiserver = _Process(
-            "kube-apiserver",
-            [
-                str(paths["kube-apiserver"]),
-                f"--etcd-servers={self.etcd_url}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",
-                f"--secure-port={api_port}",
-                f"--cert-dir={self.workdir / 'pki'}",
-                f"--tls-cert-file={certs.serving_cert}",
-                f"--tls-private-key-file={certs.serving_key}",
-                f"--client-ca-file={certs.ca_cert}",
-                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
-                f"--service-account-key-file={certs.sa_public_key}",
-                f"--service-account-signing-key-file={certs.sa_signing_key}",
-                f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
-                "--authorization-mode=Node,RBAC",
-                "--enable-admission-plugins=PodSecurity,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
-                "--disable-admission-plugins=ServiceAccount",
-                "--allow-privileged=true",
-                "--profiling=false",
-                *extra_apiserver_args,
-            ],
-            self.workdir / "kube-apiserver.log",
-            self.workdir,
+            "kube-apiserver", self._apiserver_argv, self.workdir / "kube-apiserver.log", self.workdir
         )
         _write_kubeconfig(
             self.kubeconfig_path,
@@ -506,6 +504,17 @@ class ControlPlane:
                     self._failure(f"kube-apiserver was not ready in time; last /readyz answer:\n{last}")
                 )
             time.sleep(0.1)
+
+    def restart_apiserver(self, *, down_seconds: float = 0.0, ready_timeout: float = 60.0) -> None:
+        """Stop kube-apiserver (SIGTERM), wait ``down_seconds``, start it again on the same port
+        and wait until it is ready: clients see their watches break and must reconnect."""
+        assert self._apiserver is not None, "not started"
+        self._apiserver.stop()
+        time.sleep(down_seconds)
+        self._apiserver = _Process(
+            "kube-apiserver", self._apiserver_argv, self.workdir / "kube-apiserver.log", self.workdir
+        )
+        self._wait_apiserver(time.monotonic() + ready_timeout)
 
     def stop(self) -> None:
         """Stop kube-apiserver, then etcd, and remove the temporary folder. Idempotent."""
