@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import importlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -234,17 +235,23 @@ def test_applied_webhook_deployment_is_restricted(applied: dict[str, list[dict[s
         assert sc["capabilities"] == {"drop": ["ALL"]}
         assert sc["readOnlyRootFilesystem"] is True
         assert "runAsUser" not in sc and not sc.get("privileged")
+        # The webhook's command line (commands/webhook.py). On OpenShift the waiter gets no fixed
+        # UID: restricted-v2 assigns one of the namespace's range.
+        openshift_only = ["--waiter-run-as-user=none"] if distribution == "OpenShift" else []
         assert container["args"] == [
             "webhook",
-            "--port=8443",
+            "--port=9443",
             "--tls-cert-file=/etc/istio-pod-network-controller/tls/tls.crt",
             "--tls-private-key-file=/etc/istio-pod-network-controller/tls/tls.key",
             "--waiter-image=quay.io/istio-pod-network-controller/istio-pod-network-controller:0.1.0",
+            *openshift_only,
             "--waiter-timeout=300",
             "--waiter-verify",
             f"--excluded-namespaces=kube-system,{RELEASE_NS}",
             "--log-level=info",
         ]
+        env = {e["name"]: e for e in container["env"]}
+        assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
         assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
         service = one(objects, "Service")
         assert service["spec"]["ports"][0]["port"] == 443
@@ -363,10 +370,10 @@ AGENT_MAY_NOT: list[Case] = [
 ]
 WEBHOOK_MAY: list[Case] = [
     ("get", "namespaces", "", ALL_NAMESPACES, None),
-    ("list", "namespaces", "", ALL_NAMESPACES, None),
-    ("watch", "namespaces", "", ALL_NAMESPACES, None),
 ]
 WEBHOOK_MAY_NOT: list[Case] = [
+    ("list", "namespaces", "", ALL_NAMESPACES, None),
+    ("watch", "namespaces", "", ALL_NAMESPACES, None),
     ("get", "pods", "", SOME_NS, None),
     ("list", "pods", "", ALL_NAMESPACES, None),
     ("patch", "pods", "", SOME_NS, None),
@@ -671,6 +678,8 @@ def test_helm_lint_is_clean(distribution: str) -> None:
         ("webhook.timeoutSeconds=60", "at '/webhook/timeoutSeconds': maximum: got 60, want 30"),
         ("waiter.timeoutSeconds=0", "at '/waiter/timeoutSeconds': minimum: got 0, want 1"),
         ("waiter.verify=maybe", "at '/waiter/verify': got string, want boolean"),
+        ("waiter.runAsUser=0", "at '/waiter/runAsUser': minimum: got 0, want 1"),
+        ("waiter.runAsUser=root", "at '/waiter/runAsUser': 'root' does not match"),
         (
             "excludedNamespaces[0]=Not_A_Namespace",
             "at '/excludedNamespaces/0': 'Not_A_Namespace' does not match",
@@ -758,6 +767,49 @@ def test_cert_manager_mode() -> None:
     assert serving["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
 
 
+@pytest.mark.parametrize(
+    ("distribution", "run_as_user", "expected"),
+    [
+        ("Kubernetes", None, []),
+        ("OpenShift", None, ["--waiter-run-as-user=none"]),
+        ("Kubernetes", "none", ["--waiter-run-as-user=none"]),
+        ("Kubernetes", 1000, ["--waiter-run-as-user=1000"]),
+        ("OpenShift", 1000, ["--waiter-run-as-user=1000"]),
+    ],
+)
+def test_waiter_run_as_user(distribution: str, run_as_user: str | int | None, expected: list[str]) -> None:
+    values = {} if run_as_user is None else {"waiter.runAsUser": run_as_user}
+    objects = chart.parse(chart.template(RELEASE_NS, values, distribution=distribution))
+    args = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--waiter-run-as-user")] == expected
+
+
+@pytest.mark.parametrize("distribution", ["Kubernetes", "OpenShift"])
+def test_rendered_command_lines_parse_with_the_real_parsers(distribution: str) -> None:
+    """The flags the chart passes are the ones ``run`` and ``webhook`` define (values included)."""
+    objects = chart.parse(chart.template(RELEASE_NS, distribution=distribution))
+    containers = {
+        "run": one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0],
+        "webhook": one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0],
+    }
+    for subcommand, container in containers.items():
+        assert container["args"][0] == subcommand
+        try:
+            module = importlib.import_module(f"istio_pod_network_controller.commands.{subcommand}")
+        except ModuleNotFoundError:
+            pytest.skip(f"commands/{subcommand}.py has not landed yet")
+        parsed = module.build_parser().parse_args(container["args"][1:])
+        if subcommand == "run":
+            assert parsed.proc_root == "/host/proc"
+            assert parsed.listen_address == "0.0.0.0:15300"
+            assert parsed.excluded_namespaces == f"kube-system,{RELEASE_NS}"
+        else:
+            assert parsed.port == 9443
+            assert parsed.waiter_verify is True
+            assert parsed.waiter_timeout == 300
+            assert parsed.waiter_run_as_user == (None if distribution == "OpenShift" else 65532)
+
+
 def test_webhook_disabled_renders_agent_only() -> None:
     objects = chart.parse(chart.template(RELEASE_NS, {"webhook.enabled": False}))
     assert {o["kind"] for o in objects} == {
@@ -781,6 +833,7 @@ def test_tuned_values_reach_the_pods() -> None:
                 "waiter.image.digest": "sha256:" + "a" * 64,
                 "waiter.timeoutSeconds": 60,
                 "waiter.verify": False,
+                "waiter.image.pullPolicy": "Always",
                 "agent.iptablesBackend": "legacy",
                 "agent.workers": 8,
                 "agent.port": 19090,
@@ -806,7 +859,9 @@ def test_tuned_values_reach_the_pods() -> None:
     args = webhook["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--waiter-image=registry.example/ipnc-waiter@sha256:" + "a" * 64 in args
     assert "--waiter-timeout=60" in args
-    assert "--no-waiter-verify" in args and "--waiter-verify" not in args
+    assert "--waiter-image-pull-policy=Always" in args
+    assert "--waiter-verify" not in args
+    assert not [a for a in args if a.startswith("--waiter-run-as-user")]
     (hook,) = one(objects, "MutatingWebhookConfiguration")["webhooks"]
     assert hook["name"] == "namespaces.istio-pod-network-controller.io"
     assert {"key": "team", "operator": "Exists"} in hook["namespaceSelector"]["matchExpressions"]
