@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rules": ("rules", "print the redirect ruleset for istio-iptables flags or a pod manifest"),
     "run": ("run", "the node agent (DaemonSet): program this node's meshed pods"),
     "init": ("init", "the waiting init container: exit 0 once the agent has programmed this pod"),
+    "webhook": ("webhook", "the admission webhook: add the waiting init container, replace istio-init"),
     "apply": ("apply", "apply and verify the redirect rules in one network namespace (root, on a node)"),
     "dev": ("dev", "developer tools: 'dev cluster' runs a local etcd + kube-apiserver until Ctrl-C"),
 }

@@ -1,0 +1,251 @@
+"""`webhook`: the injection webhook's entry point (see ``webhook`` and ``inject``).
+
+Every flag has an environment variable, as for ``run``, so the chart can set either. SIGTERM
+marks the server not ready, waits ``--shutdown-grace`` seconds for endpoints to drop it, then
+stops and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, PROG
+
+log = logging.getLogger("istio_pod_network_controller.webhook")
+
+PREFIX = f"{PROG} webhook"
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(message)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < 1e9:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}")
+    return int(text)
+
+
+def _run_as(text: str) -> int | None:
+    if text.strip().lower() in ("", "none"):
+        return None
+    if not text.isdigit() or not 0 < int(text) < 2**31:
+        raise argparse.ArgumentTypeError(f"a UID above 0, or 'none': {text!r}")
+    return int(text)
+
+
+def _add(p: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: Any) -> None:
+    """A flag whose default comes from ``env`` (named in its help), parsed like the flag."""
+    kind = kwargs.get("type")
+    raw = os.environ.get(env)
+    if raw is not None and kwargs.get("action") == "store_true":
+        kwargs["default"] = raw.strip().lower() == "true"
+    elif raw is not None:
+        kwargs["default"] = kind(raw) if kind else raw
+    p.add_argument(flag, help=f"{help} (env {env})", **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..inject import DEFAULT_WAITER_UID
+    from ..webhook import DEFAULT_NAMESPACE_TTL, DEFAULT_PORT
+
+    p = _Parser(
+        prog=PREFIX,
+        description="Serve the mutating admission webhook that puts the waiting init container "
+        "into meshed pods and replaces an injected istio-init.",
+        allow_abbrev=False,
+    )
+    _add(
+        p, "--tls-cert-file", "IPNC_TLS_CERT_FILE", "serving certificate (PEM), reloaded on change; required"
+    )
+    _add(p, "--tls-private-key-file", "IPNC_TLS_PRIVATE_KEY_FILE", "its private key (PEM); required")
+    _add(
+        p,
+        "--port",
+        "IPNC_WEBHOOK_PORT",
+        f"HTTPS port (default {DEFAULT_PORT})",
+        type=_port,
+        default=DEFAULT_PORT,
+    )
+    _add(p, "--address", "IPNC_WEBHOOK_ADDRESS", "address to listen on (default 0.0.0.0)", default="0.0.0.0")
+    _add(p, "--waiter-image", "IPNC_WAITER_IMAGE", "image of the waiting init container; required")
+    _add(
+        p,
+        "--waiter-image-pull-policy",
+        "IPNC_WAITER_IMAGE_PULL_POLICY",
+        "its imagePullPolicy (default: the cluster's)",
+        choices=("", "Always", "IfNotPresent", "Never"),
+        default="",
+    )
+    _add(
+        p,
+        "--waiter-run-as-user",
+        "IPNC_WAITER_RUN_AS_USER",
+        f"UID and GID of the waiter, never the proxy's (default {DEFAULT_WAITER_UID}); "
+        "'none' leaves them to the platform, as OpenShift's SCCs need",
+        type=_run_as,
+        default=DEFAULT_WAITER_UID,
+    )
+    _add(
+        p,
+        "--waiter-timeout",
+        "IPNC_WAITER_TIMEOUT",
+        "the waiter's --timeout in seconds (default: the waiter's own, 300)",
+        type=_positive_seconds,
+        default=None,
+    )
+    _add(
+        p, "--waiter-verify", "IPNC_WAITER_VERIFY", "have the waiter prove the redirect", action="store_true"
+    )
+    _add(
+        p,
+        "--excluded-namespaces",
+        "IPNC_EXCLUDED_NAMESPACES",
+        "comma list of namespaces never touched besides kube-system and the controller's own "
+        "(POD_NAMESPACE); give the agent the same list",
+        default="",
+    )
+    _add(
+        p,
+        "--namespace-lookup",
+        "IPNC_NAMESPACE_LOOKUP",
+        "'api' (default): read the pod's namespace for its opt-in; 'off': only the pod's own opt-in counts",
+        choices=("api", "off"),
+        default="api",
+    )
+    _add(
+        p,
+        "--namespace-cache-seconds",
+        "IPNC_NAMESPACE_CACHE_SECONDS",
+        f"how long a namespace read is reused (default {DEFAULT_NAMESPACE_TTL:g})",
+        type=_seconds,
+        default=DEFAULT_NAMESPACE_TTL,
+    )
+    _add(p, "--kubeconfig", "KUBECONFIG", "kubeconfig file (default: in-cluster service account)")
+    _add(
+        p,
+        "--shutdown-grace",
+        "IPNC_SHUTDOWN_GRACE",
+        "seconds between SIGTERM (not ready) and closing (default 3)",
+        type=_seconds,
+        default=3.0,
+    )
+    _add(
+        p,
+        "--log-level",
+        "IPNC_LOG_LEVEL",
+        "log level (default info)",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+    )
+    return p
+
+
+def main(argv: list[str]) -> int:
+    try:
+        parser = build_parser()  # environment defaults are parsed here
+        if any(a in ("-h", "--help") for a in argv):
+            parser.print_help()
+            return EXIT_OK
+        args = parser.parse_args(argv)
+    except (_UsageError, argparse.ArgumentTypeError) as exc:
+        print(f"{PREFIX}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    for flag, value in (
+        ("--tls-cert-file", args.tls_cert_file),
+        ("--tls-private-key-file", args.tls_private_key_file),
+        ("--waiter-image", args.waiter_image),
+    ):
+        if not value:
+            print(f"{PREFIX}: {flag} is required", file=sys.stderr)
+            return EXIT_INVALID
+    from ..observe import setup_logging
+
+    setup_logging(args.log_level)
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from ..decide import DEFAULT_EXCLUDED_NAMESPACES
+    from ..inject import WaiterSettings
+    from ..webhook import (
+        CachedNamespaces,
+        Namespaces,
+        NoNamespaces,
+        TlsFiles,
+        WebhookServer,
+        api_namespace_fetch,
+    )
+
+    excluded = [
+        *DEFAULT_EXCLUDED_NAMESPACES,
+        *(n.strip() for n in args.excluded_namespaces.split(",") if n.strip()),
+    ]
+    if os.environ.get("POD_NAMESPACE"):
+        excluded.append(os.environ["POD_NAMESPACE"])
+    settings = WaiterSettings(
+        image=args.waiter_image,
+        run_as_user=args.waiter_run_as_user,
+        timeout=args.waiter_timeout,
+        verify=args.waiter_verify,
+        image_pull_policy=args.waiter_image_pull_policy or None,
+        excluded_namespaces=tuple(dict.fromkeys(excluded)),
+    )
+    api = None
+    namespaces: Namespaces = NoNamespaces()
+    try:
+        tls = TlsFiles(args.tls_cert_file, args.tls_private_key_file)
+        if args.namespace_lookup == "api":
+            from ..cluster.api import Api
+
+            api = Api.from_kubeconfig(args.kubeconfig)
+            namespaces = CachedNamespaces(api_namespace_fetch(api), ttl=args.namespace_cache_seconds)
+    except Exception as exc:  # any cause: reported once, here
+        log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
+        return EXIT_FAILURE
+    server = WebhookServer(settings, namespaces, tls, host=args.address, port=args.port)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("cannot listen", extra={"address": f"{args.address}:{args.port}", "error": str(exc)})
+        if api is not None:
+            await api.close()
+        return EXIT_FAILURE
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("stopping", extra={"graceSeconds": args.shutdown_grace})
+    await server.stop(grace=args.shutdown_grace)
+    if api is not None:
+        await api.close()
+    return EXIT_OK
