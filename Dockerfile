@@ -22,8 +22,9 @@ RUN python -m venv /opt/ipnc \
 
 # --- runtime: the environment plus the node tools the agent runs ------------------------------
 FROM ${PYTHON_IMAGE}
-# iptables: iptables/ip6tables(-save/-restore), nft and legacy; nftables: nft; iproute2: ip;
-# util-linux: nsenter (for people debugging a pod's namespace from the agent's container).
+# iptables: iptables/ip6tables -save/-restore, both the nft and the legacy variants; nftables: nft;
+# iproute2: ip; util-linux: nsenter and unshare (the agent enters pods' network namespaces and
+# verifies rulesets in a scratch one).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends iptables nftables iproute2 util-linux \
  && rm -rf /var/lib/apt/lists/*
