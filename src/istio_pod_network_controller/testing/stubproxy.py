@@ -7,9 +7,11 @@ program serves as a plain application server. Started as root, it binds in one o
 network namespaces and then drops to the proxy's UID, so it behaves like a proxy running as 1337.
 
     python -m istio_pod_network_controller.testing.stubproxy --name proxy --tcp 15001 --tcp 15006 \
-        [--udp 15053] [--transparent 15006] [--netns PATH ...] [--user 1337[:1337]]
+        [--udp 15053] [--transparent 15006] [--netns PATH ...] [--user 1337[:1337]] [--record]
 
-Prints ``ready`` on stdout once every socket is bound.
+Prints ``ready`` on stdout once every socket is bound; with ``--record``, then one JSON line per
+answered connection or datagram (the report sent to the client), so that whoever started the
+stub (the node stand-in) can tell what reached it and where it was originally addressed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,16 @@ IP_PKTINFO = 8  # not in Python 3.11's socket module
 IPV6_TRANSPARENT = 75
 CLONE_NEWNET = 0x40000000
 TOKEN_LIMIT = 512
+
+_recording = False  # --record
+_record_lock = threading.Lock()
+
+
+def record(report: dict[str, object]) -> None:
+    """With ``--record``: print ``report`` as one JSON line on stdout (whole lines, any thread)."""
+    if _recording:
+        with _record_lock:
+            print(json.dumps(report), flush=True)
 
 
 def original_dst(conn: socket.socket) -> tuple[str, int] | None:
@@ -128,6 +140,7 @@ def _answer_tcp(conn: socket.socket, peer: object, name: str, index: int, port: 
         orig = original_dst(conn)
         report["orig"] = list(orig) if orig else None
         report["token"] = data.decode(errors="replace").strip()
+        record(report)
         with contextlib.suppress(OSError):
             conn.sendall(json.dumps(report).encode() + b"\n")
 
@@ -158,6 +171,7 @@ def _serve_udp(sock: socket.socket, name: str, index: int, port: int) -> None:
         report = _report(name, index, "udp", port, local or sock.getsockname(), peer)
         report["orig"] = None
         report["token"] = data.decode(errors="replace").strip()
+        record(report)
         with contextlib.suppress(OSError):
             sock.sendmsg([json.dumps(report).encode()], reply_info, 0, peer)
 
@@ -213,7 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--transparent", type=int, action="append", default=[])
     parser.add_argument("--netns", action="append", default=[])
     parser.add_argument("--user", default=None, help="UID[:GID] to run as once bound")
+    parser.add_argument("--record", action="store_true", help="print each report on stdout too")
     args = parser.parse_args(argv)
+    global _recording
+    _recording = args.record
 
     ids = parse_user(args.user)
     spaces: list[tuple[int, list[tuple[socket.socket, int]]]] = []
