@@ -1,0 +1,332 @@
+"""The webhook behind a real kube-apiserver (issue 6, acceptance 1): a MutatingWebhookConfiguration
+with a caBundle points at the real `webhook` process on loopback; in a namespace labelled
+`restricted` and opted in, Istio's injected pods are admitted after mutation (waiter first, no
+NET_ADMIN anywhere) and rejected by PodSecurity where the webhook does not apply.
+
+The webhook reads namespaces with a ServiceAccount token that may only `get namespaces`, the one
+permission it needs. Its configuration registers it twice, so every pod also shows that a second
+call on an already mutated pod changes nothing (what `reinvocationPolicy: IfNeeded` relies on).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import yaml
+from lightkube import ApiError, Client
+from lightkube.resources.core_v1 import Namespace, Pod
+from lightkube.types import PatchType
+
+from istio_pod_network_controller import names
+from istio_pod_network_controller.spec import spec_from_pod
+from istio_pod_network_controller.testing.controlplane import ControlPlane
+from istio_pod_network_controller.testing.webhook_tls import make_serving_pair
+
+pytestmark = pytest.mark.cluster
+
+WAITER_IMAGE = "registry.example/istio-pod-network-controller:test"
+INJECTED = ["hello.yaml.injected", "traffic-annotations.yaml.injected", "native-sidecar.yaml.injected"]
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted"}
+CONTAINER_RESTRICTED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+START_TIMEOUT = 20.0
+EFFECTIVE_TIMEOUT = 20.0
+
+
+def restricted_pod(shared_dir: Path, fixture: str, namespace: str, name: str) -> dict[str, Any]:
+    """A pod template of Istio's injected fixtures with the application side made `restricted`
+    compliant (Istio's own containers are left exactly as injected)."""
+    doc = next(d for d in yaml.safe_load_all((shared_dir / "istio/injected" / fixture).read_text()) if d)
+    template = doc if doc["kind"] == "Pod" else doc["spec"]["template"]
+    spec = copy.deepcopy(template["spec"])
+    spec.setdefault("securityContext", {})["seccompProfile"] = {"type": "RuntimeDefault"}
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        if not container.get("securityContext"):
+            container["securityContext"] = copy.deepcopy(CONTAINER_RESTRICTED)
+    # What the ServiceAccount admission plugin would set (it is off here); istio-token needs it.
+    spec["serviceAccountName"] = "default"
+    metadata = {
+        k: v for k, v in copy.deepcopy(template["metadata"]).items() if k in ("labels", "annotations")
+    }
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {**metadata, "name": name, "namespace": namespace},
+            "spec": spec}  # fmt: skip
+
+
+def meshed_probe(namespace: str, name: str) -> dict[str, Any]:
+    """A minimal meshed pod that PodSecurity admits with or without the webhook."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}, "runAsNonRoot": True},
+            "containers": [
+                {
+                    "name": n,
+                    "image": "registry.example/x",
+                    "securityContext": copy.deepcopy(CONTAINER_RESTRICTED),
+                }
+                for n in ("app", "istio-proxy")
+            ],
+        },
+    }
+
+
+def create(kube: Client, pod: dict[str, Any]) -> dict[str, Any]:
+    created = kube.create(cast(Pod, Pod.from_dict(pod)))
+    as_dict: dict[str, Any] = created.to_dict()
+    return as_dict
+
+
+def init_names(pod: dict[str, Any]) -> list[str]:
+    return [c["name"] for c in pod["spec"].get("initContainers") or []]
+
+
+def added_capabilities(pod: dict[str, Any]) -> list[str]:
+    found: list[str] = []
+    for key in ("initContainers", "containers"):
+        for c in pod["spec"].get(key) or []:
+            found += ((c.get("securityContext") or {}).get("capabilities") or {}).get("add") or []
+    return found
+
+
+# -- the webhook process and its registration -------------------------------------------------------
+
+
+@dataclass
+class Webhook:
+    process: subprocess.Popen[str]
+    port: int
+    namespace: str
+    log_path: Path
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _grant_namespace_reads(kube: Client, control_plane: ControlPlane, account_ns: str, folder: Path) -> Path:
+    kubeconfig = control_plane.write_service_account_kubeconfig(account_ns, "webhook", folder / "kubeconfig")
+    rbac = f"""
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: {account_ns}-webhook}}
+rules: [{{apiGroups: [""], resources: [namespaces], verbs: [get]}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {account_ns}-webhook}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {account_ns}-webhook}}
+subjects: [{{kind: ServiceAccount, name: webhook, namespace: {account_ns}}}]
+"""
+    control_plane.kubectl("apply", "-f", "-", input=rbac)
+    deadline = time.monotonic() + 10
+    while True:  # RBAC changes take effect asynchronously
+        done = control_plane.kubectl(
+            "auth",
+            "can-i",
+            "get",
+            "namespaces",
+            f"--as=system:serviceaccount:{account_ns}:webhook",
+            check=False,
+        )
+        if done.stdout.strip() == "yes":
+            return kubeconfig
+        assert time.monotonic() < deadline, "RBAC for the webhook's ServiceAccount never took effect"
+        time.sleep(0.1)
+
+
+def _start_webhook(
+    cert: Path, key: Path, kubeconfig: Path, log_path: Path
+) -> tuple[subprocess.Popen[str], int]:
+    argv = [
+        sys.executable, "-m", "istio_pod_network_controller.cli", "webhook",
+        "--tls-cert-file", str(cert), "--tls-private-key-file", str(key),
+        "--address", "127.0.0.1", "--port", "0", "--waiter-image", WAITER_IMAGE,
+        "--kubeconfig", str(kubeconfig), "--shutdown-grace", "0", "--namespace-cache-seconds", "1",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "POD_NAMESPACE")}
+    log = log_path.open("w")
+    proc = subprocess.Popen(argv, stdout=log, stderr=log, text=True, env=env)  # noqa: S603
+    log.close()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        for line in log_path.read_text().splitlines():
+            record = json.loads(line) if line.startswith("{") else {}
+            if record.get("msg") == "webhook serving":
+                return proc, int(str(record["address"]).rpartition(":")[2])
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    raise AssertionError(f"the webhook did not start:\n{log_path.read_text()}")
+
+
+def _configuration(name: str, port: int, ca_pem: bytes, namespace: str) -> dict[str, Any]:
+    def webhook(entry: str) -> dict[str, Any]:
+        return {
+            "name": f"{entry}.pod-network-controller.istio.io",
+            "admissionReviewVersions": ["v1"],
+            "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "reinvocationPolicy": "IfNeeded",
+            "timeoutSeconds": 10,
+            "clientConfig": {
+                "url": f"https://127.0.0.1:{port}/mutate",
+                "caBundle": base64.b64encode(ca_pem).decode(),
+            },
+            "rules": [
+                {
+                    "operations": ["CREATE"],
+                    "apiGroups": [""],
+                    "apiVersions": ["v1"],
+                    "resources": ["pods"],
+                    "scope": "Namespaced",
+                }
+            ],
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
+        }
+
+    return {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [webhook("inject"), webhook("again")],
+    }
+
+
+def _wait_until_effective(kube: Client, namespace: str) -> None:
+    deadline = time.monotonic() + EFFECTIVE_TIMEOUT
+    attempt = 0
+    while True:
+        attempt += 1
+        probe = create(kube, meshed_probe(namespace, f"probe-{attempt}"))
+        kube.delete(Pod, probe["metadata"]["name"], namespace=namespace)
+        if names.WAITER_CONTAINER in init_names(probe):
+            return
+        assert time.monotonic() < deadline, "the MutatingWebhookConfiguration never took effect"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def meshed_namespace(kube: Client, namespace: str) -> str:
+    """The test's namespace, `restricted` and opted in by label (so the webhook must read it)."""
+    labels = {**RESTRICTED, names.OPT_IN: names.OPT_IN_VALUE}
+    kube.patch(Namespace, namespace, {"metadata": {"labels": labels}}, patch_type=PatchType.MERGE)
+    return namespace
+
+
+@pytest.fixture
+def webhook(
+    kube: Client, control_plane: ControlPlane, meshed_namespace: str, tmp_path: Path
+) -> Iterator[Webhook]:
+    pair = make_serving_pair()
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    pair.write(cert, key)
+    kubeconfig = _grant_namespace_reads(kube, control_plane, f"{meshed_namespace}-ipnc", tmp_path)
+    proc, port = _start_webhook(cert, key, kubeconfig, tmp_path / "webhook.log")
+    config = _configuration(f"ipnc-{meshed_namespace}", port, pair.ca.pem, meshed_namespace)
+    try:
+        control_plane.kubectl("apply", "-f", "-", input=json.dumps(config))
+        _wait_until_effective(kube, meshed_namespace)
+        yield Webhook(proc, port, meshed_namespace, tmp_path / "webhook.log")
+    finally:
+        control_plane.kubectl(
+            "delete", "mutatingwebhookconfiguration", config["metadata"]["name"], check=False
+        )
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# -- acceptance 1 ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", INJECTED)
+def test_injected_pods_are_admitted_under_restricted_after_mutation(
+    kube: Client, shared_dir: Path, webhook: Webhook, fixture: str
+) -> None:
+    pod = restricted_pod(shared_dir, fixture, webhook.namespace, fixture.split(".")[0])
+    istio_init = next(c for c in pod["spec"]["initContainers"] if c["name"] == "istio-init")
+    created = create(kube, pod)
+    inits = init_names(created)
+    assert inits[0] == names.WAITER_CONTAINER
+    assert inits.count(names.WAITER_CONTAINER) == 1, "a second call added a second waiter"
+    assert "istio-init" not in inits
+    assert inits[1:] == [n for n in init_names(pod) if n != "istio-init"]
+    assert added_capabilities(created) == []
+    annotations = created["metadata"]["annotations"]
+    assert json.loads(annotations[names.IPTABLES_ARGS]) == istio_init["args"]
+    assert spec_from_pod(created) == spec_from_pod(pod)  # the agent will apply what istio-init would have
+    waiter = created["spec"]["initContainers"][0]
+    assert waiter["image"] == WAITER_IMAGE and waiter["args"][0] == "init"
+    assert waiter["securityContext"]["runAsNonRoot"] is True
+    assert waiter["securityContext"]["runAsUser"] not in (0, 1337)
+    assert waiter["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert waiter["securityContext"]["readOnlyRootFilesystem"] is True
+    assert waiter["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    volumes = {v["name"]: v for v in created["spec"]["volumes"]}
+    assert (
+        volumes[names.PODINFO_VOLUME]["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"]
+        == "metadata.annotations"
+    )
+
+
+@pytest.mark.parametrize("fixture", INJECTED)
+def test_the_same_pods_are_rejected_by_pod_security_without_the_webhook(
+    kube: Client, shared_dir: Path, meshed_namespace: str, fixture: str
+) -> None:
+    pod = restricted_pod(shared_dir, fixture, meshed_namespace, fixture.split(".")[0])
+    with pytest.raises(ApiError) as rejected:
+        create(kube, pod)
+    message = rejected.value.status.message or ""
+    assert rejected.value.status.code == 403, message
+    assert 'violates PodSecurity "restricted:latest"' in message
+    assert 'container "istio-init" must not include "NET_ADMIN"' in message
+
+
+def test_invalid_istio_init_args_are_denied_with_the_flag_and_value(
+    kube: Client, shared_dir: Path, webhook: Webhook
+) -> None:
+    pod = restricted_pod(shared_dir, "hello.yaml.injected", webhook.namespace, "bad-args")
+    istio_init = next(c for c in pod["spec"]["initContainers"] if c["name"] == "istio-init")
+    istio_init["args"][istio_init["args"].index("-p") + 1] = "99999"
+    with pytest.raises(ApiError) as denied:
+        create(kube, pod)
+    message = denied.value.status.message or ""
+    assert 'admission webhook "inject.pod-network-controller.istio.io" denied the request' in message
+    assert "istio-init args: -p: invalid value '99999'" in message
+
+
+def test_pods_of_a_namespace_not_opted_in_are_left_alone(
+    kube: Client, shared_dir: Path, webhook: Webhook
+) -> None:
+    kube.patch(
+        Namespace,
+        webhook.namespace,
+        {"metadata": {"labels": {names.OPT_IN: None}}},
+        patch_type=PatchType.MERGE,
+    )
+    time.sleep(1.2)  # the webhook's namespace cache holds a read for one second here
+    created = create(kube, meshed_probe(webhook.namespace, "not-opted-in"))
+    assert init_names(created) == []
+    opted = meshed_probe(webhook.namespace, "opted-in-itself")
+    opted["metadata"]["annotations"] = {names.OPT_IN: names.OPT_IN_VALUE}
+    assert init_names(create(kube, opted)) == [names.WAITER_CONTAINER]
