@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from istio_pod_network_controller import names
 from istio_pod_network_controller.node.apply import Applier
 from istio_pod_network_controller.node.netns import Netns
+from istio_pod_network_controller.testing import as_pod
 from istio_pod_network_controller.testing.netlab import Netlab, Pod
 from istio_pod_network_controller.testing.podinfo_volume import write_podinfo
 
@@ -25,29 +25,9 @@ pytestmark = pytest.mark.kernel
 
 WAITER_UID = 65532
 
-# Enter the pod's namespace as root, then become an unprivileged UID with no capabilities and
-# run the waiter in this same interpreter (its modules imported first: the interpreter may live
-# where that UID cannot read).
-_WAITER = """
-import ctypes, os, sys
-import inotify_simple
-import istio_pod_network_controller.commands.init as command
-import istio_pod_network_controller.waiter
-import istio_pod_network_controller.spec.pod
-netns, uid = sys.argv[1], int(sys.argv[2])
-fd = os.open(netns, os.O_RDONLY)
-if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:
-    sys.exit("setns failed")
-os.close(fd)
-os.setgroups([])
-os.setgid(uid)
-os.setuid(uid)
-sys.exit(command.main(sys.argv[3:]))
-"""
-
 
 def run_waiter(netns: str, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-c", _WAITER, netns, str(WAITER_UID), *args]
+    argv = as_pod.command(netns, WAITER_UID, "init", *args)
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
 
 

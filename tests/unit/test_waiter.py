@@ -17,6 +17,7 @@ import pytest
 
 from istio_pod_network_controller import names
 from istio_pod_network_controller.spec import parse_flags
+from istio_pod_network_controller.testing import as_pod
 from istio_pod_network_controller.testing.podinfo_volume import write_podinfo
 from istio_pod_network_controller.waiter import (
     AgentFailed,
@@ -201,27 +202,11 @@ def test_inotify_notices_the_kubelets_symlink_swap_at_once(tmp_path: Path) -> No
     assert seen - published[0] < 0.1, "the change took more than 100 ms to notice"
 
 
-# Imported before the privileges are dropped: the interpreter and the project may live where an
-# unprivileged UID cannot read (a root-owned home), as they do not in the waiter's image.
-_AS_USER = """
-import os, sys
-import inotify_simple
-import istio_pod_network_controller.commands.init as command
-import istio_pod_network_controller.waiter
-uid = int(sys.argv[1])
-os.setgroups([])
-os.setgid(uid)
-os.setuid(uid)  # from root to a non-root UID: every capability is gone
-assert os.getuid() == uid and os.geteuid() == uid
-sys.exit(command.main(sys.argv[2:]))
-"""
-
-
 def _cli(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
     if user is None:
         argv = [sys.executable, "-m", "istio_pod_network_controller.cli", "init", *args]
     else:
-        argv = [sys.executable, "-c", _AS_USER, str(user), *args]
+        argv = as_pod.command(None, user, "init", *args)  # non-root, no capabilities, no_new_privs
     return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)  # noqa: S603
 
 
