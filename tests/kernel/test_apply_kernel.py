@@ -79,7 +79,8 @@ def add_foreign_rules(ns: Netns, tools: Tools) -> None:
 
 @pytest.fixture
 def pod_ns(lab: Netlab) -> Iterator[Netns]:
-    with Netns(lab.add_pod("pod").path) as ns:
+    """A namespace with no links but lo, so no packet moves a policy counter between two saves."""
+    with Netns(lab.add_netns("pod")) as ns:
         yield ns
 
 
@@ -237,3 +238,44 @@ def test_pod_process_exiting_mid_apply_gives_a_clear_error(lab: Netlab, nft_tool
     with Netns(f"/proc/{sandbox.pid}/ns/net") as ns, pytest.raises(ApplyError) as failed:
         Applier(nft_tools, on_step=exit_pod).apply(ns, ruleset())
     assert "vanished" in failed.value.reason
+
+
+def test_an_agent_restart_meets_its_own_rules_and_keeps_them(pod_ns: Netns, backend_tools: Tools) -> None:
+    rules = ruleset("--ipv6", "--redirect-dns", "--capture-all-dns")
+    Applier(backend_tools).apply(pod_ns, rules)
+    before = save(pod_ns, backend_tools), save(pod_ns, backend_tools, Family.IPV6)
+    # A new applier has never seen this namespace: its create-only write fails on our chains,
+    # changes nothing, and the read-first path finds the rules already right.
+    result = Applier(backend_tools).apply(pod_ns, rules)
+    assert result.changed is False
+    assert (save(pod_ns, backend_tools), save(pod_ns, backend_tools, Family.IPV6)) == before
+
+
+def test_an_agent_restart_replaces_an_old_spec(lab: Netlab, backend_tools: Tools) -> None:
+    with Netns(lab.add_pod("reused").path) as reused, Netns(lab.add_pod("fresh").path) as fresh:
+        Applier(backend_tools).apply(reused, ruleset("--ipv6", "--drop-invalid", "-c", "eth9"))
+        Applier(backend_tools).apply(reused, ruleset("-o", "9999"))
+        Applier(backend_tools).apply(fresh, ruleset("-o", "9999"))
+        for family in Family:
+            assert ours(reused, backend_tools, family) == ours(fresh, backend_tools, family)
+
+
+def test_a_stray_chain_in_a_later_table_is_replaced_not_duplicated(
+    pod_ns: Netns, backend_tools: Tools
+) -> None:
+    # Our raw chain exists but not our nat chains: the create-only write commits nat, fails on raw,
+    # and the read-first path must finish the job from there.
+    assert pod_ns.run([backend_tools.command(Family.IPV4), "-w", "-t", "raw", "-N", "ISTIO_OUTPUT_DNS"]).ok
+    rules = ruleset("--redirect-dns", "--capture-all-dns")
+    Applier(backend_tools).apply(pod_ns, rules)
+    reference = Applier(backend_tools).expected.compute(
+        backend_tools, Family.IPV4, tables.desired_from_restore(rules.iptables)
+    )
+    assert ours(pod_ns, backend_tools) == sorted(reference.rule_lines())
+
+
+def test_stale_ipv6_rules_are_removed_on_first_visit(pod_ns: Netns, backend_tools: Tools) -> None:
+    Applier(backend_tools).apply(pod_ns, ruleset("--ipv6"))
+    assert ours(pod_ns, backend_tools, Family.IPV6) != []
+    Applier(backend_tools).apply(pod_ns, ruleset("-o", "9999"))
+    assert ours(pod_ns, backend_tools, Family.IPV6) == []

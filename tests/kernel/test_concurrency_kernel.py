@@ -35,7 +35,7 @@ class OverlapWatch:
 
     def __call__(self, step: str, ns: Netns) -> None:
         with self.guard:
-            if step == "read":
+            if step == "start":
                 if ns.id in self.active:
                     self.overlaps.append(ns.id)
                 self.active.add(ns.id)
@@ -92,8 +92,8 @@ def test_a_second_apply_to_the_same_namespace_waits_for_the_first(lab: Netlab, n
     release = threading.Event()
 
     def hold_first(step: str, ns: Netns) -> None:
-        if step == "read":
-            order.append(threading.current_thread().name + " read")
+        if step == "start":
+            order.append(threading.current_thread().name + " start")
             if threading.current_thread().name == "first":
                 first_inside.set()
                 assert release.wait(30)
@@ -113,9 +113,9 @@ def test_a_second_apply_to_the_same_namespace_waits_for_the_first(lab: Netlab, n
                 assert two.is_alive()
                 threading.Event().wait(0.001)
             threading.Event().wait(0.05)  # room for a broken lock to let the second in
-            assert order == ["first read"]
+            assert order == ["first start"]
         finally:
             release.set()
             one.join(30)
             two.join(30)
-    assert order == ["first read", "first done", "second read", "second done"]
+    assert order == ["first start", "first done", "second start", "second done"]

@@ -26,8 +26,8 @@ from .backend import Family, Tools
 from .errors import ApplyError, NodeError
 from .netns import Completed, Netns, NetnsId, tool
 
-# Called with each step's name before it runs ("read", "policy route", "passthrough address",
-# "restore", "verify") and with "done" at the end, all while the namespace's lock is held.
+# Called with "start", then each step's name before it runs ("read", "policy route", "passthrough
+# address", "restore", "verify"), and "done" at the end, all while the namespace's lock is held.
 StepHook = Callable[[str, Netns], None]
 
 
@@ -166,8 +166,12 @@ class _Family:
 
     family: Family
     desired: tables.Desired
-    before: tables.Owned | None = None
+    now: tables.Owned | None = None  # ours as read before writing: what the transaction replaces
+    before: tables.Owned | None = None  # ours before this apply began: what a rollback restores
     written: bool = False
+    # What an attempted create-only transaction committed (tables), to subtract from the next read.
+    created: tables.Owned | None = None
+    created_tables: set[str] | None = None
 
 
 class Applier:
@@ -179,6 +183,8 @@ class Applier:
         self.locks = NamespaceLocks()
         self.expected = ExpectedCache()
         self._on_step = on_step
+        self._seen: OrderedDict[NetnsId, None] = OrderedDict()
+        self._seen_guard = threading.Lock()
 
     def apply(self, ns: Netns, ruleset: Ruleset) -> ApplyResult:
         """Make our rules in ``ns`` exactly ``ruleset``, verified; raise ApplyError otherwise,
@@ -186,6 +192,7 @@ class Applier:
         started = time.perf_counter()
         with self.locks.hold(ns.id):
             try:
+                self._step("start", ns)
                 changed = self._apply_locked(ns, ruleset)
             finally:
                 self._step("done", ns)
@@ -211,15 +218,23 @@ class Applier:
         except tables.RulesetFormatError as exc:
             raise ApplyError("prepare", str(exc)) from None
         v6_used = not fams[1].desired.is_empty()
+        if self._first_visit(ns) and self._can_create(fams, ruleset):
+            created = self._apply_fresh(ns, ruleset, fams)
+            if created:
+                return True
 
         self._step("read", ns)
         for fam, done in zip(fams, self._saves(ns, fams), strict=True):
             if not done.ok:
                 if fam.family is Family.IPV6 and not v6_used:
-                    fam.before = tables.Owned()  # no IPv6 in this kernel/namespace: nothing of ours there
+                    fam.now = fam.before = tables.Owned()  # no IPv6 here: nothing of ours either
                     continue
                 raise ApplyError("read", self._gone_or(ns, done.reason()))
-            fam.before = tables.owned(tables.parse_save(done.stdout))
+            fam.now = fam.before = tables.owned(tables.parse_save(done.stdout))
+            if fam.created is not None:
+                # A create-only attempt committed part of this family: that part was not there before.
+                fam.before = tables.without(fam.now, fam.created, fam.created_tables)
+                fam.written = True
 
         pending = [f for f in fams if not self._already(f)]
         route_families = self._route_families(fams, ruleset, v6_used)
@@ -253,13 +268,84 @@ class Applier:
             raise ApplyError(exc.step, reason + rollback) from None
         return bool(pending) or bool(route_before) or added_passthrough
 
+    def _first_visit(self, ns: Netns) -> bool:
+        """True the first time this applier sees a namespace (bounded memory, oldest forgotten)."""
+        with self._seen_guard:
+            if ns.id in self._seen:
+                self._seen.move_to_end(ns.id)
+                return False
+            self._seen[ns.id] = None
+            while len(self._seen) > 65536:
+                self._seen.popitem(last=False)
+            return True
+
+    def _can_create(self, fams: list[_Family], ruleset: Ruleset) -> bool:
+        """The create-only fast path needs nat chains in every family it writes, and no TPROXY
+        (whose policy route must be in place before the rules)."""
+        written = [f for f in fams if not f.desired.is_empty()]
+        return (
+            ruleset.tproxy is None
+            and bool(written)
+            and all(tables.creates_nat_first(f.desired) for f in written)
+        )
+
+    def _apply_fresh(self, ns: Netns, ruleset: Ruleset, fams: list[_Family]) -> bool:
+        """First visit to a namespace, most often a new pod's: write without reading first, with
+        ``-N`` so that anything of ours already there makes the restore fail before any commit.
+        Returns False (having left the namespace as it found it, as far as it can tell) when the
+        read-first path must take over."""
+        expected = {f.family: self.expected.compute(self.tools, f.family, f.desired) for f in fams}
+        self._step("restore", ns)
+        texts = {f.family: tables.create_transaction(f.desired) for f in fams}
+        running = [
+            ns.start(self.tools.restore_argv(f.family), stdin=texts[f.family])
+            if texts[f.family]
+            else ns.start(self.tools.save_argv(f.family))
+            for f in fams
+        ]
+        passthrough = (
+            ns.start([tool("ip"), "-6", "addr", "add", routes.PASSTHROUGH_V6, "dev", "lo"])
+            if ruleset.ipv6_passthrough_address
+            else None
+        )
+        results = [r.wait() for r in running]
+        fallback = False
+        for fam, done in zip(fams, results, strict=True):
+            text = texts[fam.family]
+            if text and done.ok:
+                fam.created, fam.created_tables = expected[fam.family], None
+            elif text:
+                fallback = True
+                committed = tables.committed_tables(text, done.stderr)
+                if committed:
+                    fam.created, fam.created_tables = expected[fam.family], committed
+            elif not done.ok or not tables.owned(tables.parse_save(done.stdout)).is_empty():
+                fallback = True  # an unwritten family holds old rules of ours (or cannot be read)
+        if passthrough is not None:
+            done = passthrough.wait()
+            if not done.ok and "exists" not in done.stderr and "already assigned" not in done.stderr:
+                fallback = True
+        if fallback:
+            return False
+
+        self._step("verify", ns)
+        written = [f for f in fams if texts[f.family]]
+        for fam, done in zip(written, self._saves(ns, written), strict=True):
+            got = tables.owned(tables.parse_save(done.stdout)) if done.ok else None
+            if got is None or not got.same_rules(expected[fam.family]):
+                # Not what a namespace without rules of ours would give: hand over to the
+                # read-first path, which sees what is there and replaces it whole.
+                return False
+        self._check_still_there(ns)
+        return True
+
     def _already(self, fam: _Family) -> bool:
         """True when our rules in this family already are the desired ones (nothing to write)."""
-        assert fam.before is not None
+        assert fam.now is not None
         if fam.desired.is_empty():
-            return fam.before.is_empty()
+            return fam.now.is_empty()
         expected = self.expected.get(self.tools, fam.family, fam.desired)
-        return expected is not None and fam.before.same_rules(expected)
+        return expected is not None and fam.now.same_rules(expected)
 
     def _route_families(self, fams: list[_Family], ruleset: Ruleset, v6_used: bool) -> list[Family]:
         """Families whose policy route we must write or remove. Without TPROXY we look for an old
@@ -268,8 +354,8 @@ class Applier:
             return [Family.IPV4, Family.IPV6] if v6_used else [Family.IPV4]
         found = []
         for fam in fams:
-            assert fam.before is not None
-            if ("mangle", "ISTIO_TPROXY") in fam.before.chains:
+            assert fam.now is not None
+            if ("mangle", "ISTIO_TPROXY") in fam.now.chains:
                 found.append(fam.family)
         return found
 
@@ -280,8 +366,8 @@ class Applier:
     def _restore(self, ns: Netns, pending: list[_Family]) -> None:
         texts = []
         for fam in pending:
-            assert fam.before is not None
-            texts.append(tables.replace_transaction(fam.before, fam.desired))
+            assert fam.now is not None
+            texts.append(tables.replace_transaction(fam.now, fam.desired))
         running = [
             ns.start(self.tools.restore_argv(f.family), stdin=text)
             for f, text in zip(pending, texts, strict=True)

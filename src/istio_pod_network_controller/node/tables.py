@@ -289,3 +289,67 @@ def _multiset(lines: Iterable[str]) -> list[str]:
         seen[line] = seen.get(line, 0) + 1
         out.append(f"{line} (#{seen[line]})" if seen[line] > 1 else line)
     return out
+
+
+# nat first: every ruleset we write creates chains there, so in a namespace that already holds our
+# rules the very first -N fails and iptables-restore stops before committing any table.
+CREATE_ORDER = ("nat", "raw", "mangle", "filter", "security")
+
+
+def create_transaction(desired: Desired) -> str:
+    """A restore text for a namespace believed to hold nothing of ours: ``-N`` (which fails if
+    the chain exists) instead of a create-or-flush, and no removals. Used without reading first;
+    if the belief is wrong it fails in the nat table, before anything is committed."""
+    out: list[str] = []
+    for table in (t for t in CREATE_ORDER if t in desired.chains or t in desired.lines):
+        out += [f"*{table}", *(f"-N {c}" for c in desired.chains.get(table, ()))]
+        out += [*desired.lines.get(table, ()), "COMMIT"]
+    return "\n".join(out) + "\n" if out else ""
+
+
+def creates_nat_first(desired: Desired) -> bool:
+    """Whether ``create_transaction`` of ``desired`` opens with a nat table that creates chains."""
+    return bool(desired.chains.get("nat"))
+
+
+def committed_tables(text: str, stderr: str) -> set[str]:
+    """Tables of a failed restore ``text`` that were committed before the line the tool names."""
+    match = re.search(r"line:? (\d+)", stderr)
+    if match is None:
+        return set()
+    failed_at = int(match.group(1))
+    done: set[str] = set()
+    table = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        if number >= failed_at:
+            break
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif line.strip() == "COMMIT":
+            done.add(table)
+    return done
+
+
+def without(current: Owned, added: Owned, in_tables: Iterable[str] | None = None) -> Owned:
+    """``current`` minus ``added`` (chains we created, one copy of each rule we placed), in
+    ``in_tables`` (all when None): what was ours before a create_transaction committed."""
+    scope = set(in_tables) if in_tables is not None else None
+
+    def touched(table: str) -> bool:
+        return scope is None or table in scope
+
+    chains = {k: v for k, v in current.chains.items() if not (touched(k[0]) and k in added.chains)}
+    placed: dict[tuple[str, str], tuple[Placed, ...]] = {}
+    for key, rules in current.placed.items():
+        remove = [p.rule for p in added.placed.get(key, ())] if touched(key[0]) else []
+        kept: list[Placed] = []
+        removed = 0
+        for p in rules:
+            if p.rule in remove:
+                remove.remove(p.rule)
+                removed += 1
+            else:
+                kept.append(Placed(p.position - removed, p.rule))
+        if kept:
+            placed[key] = tuple(kept)
+    return Owned(chains, placed)
