@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from istio_pod_network_controller import names
 from istio_pod_network_controller.inject import (
@@ -82,7 +84,8 @@ def patched(pod: dict[str, Any], settings: WaiterSettings = SETTINGS) -> dict[st
 
 
 def init_names(pod: dict[str, Any]) -> list[str]:
-    return [c["name"] for c in pod["spec"].get("initContainers") or []]
+    inits = pod["spec"].get("initContainers")
+    return [c.get("name") for c in inits if isinstance(c, dict)] if isinstance(inits, list) else []
 
 
 def capabilities_added(pod: dict[str, Any]) -> list[str]:
@@ -330,3 +333,60 @@ def test_the_annotation_key_is_escaped_in_the_json_pointer() -> None:
 def test_a_pod_whose_only_init_container_was_istio_init_ends_with_just_the_waiter() -> None:
     after = patched(minimal_pod(istio_init_args=["istio-iptables", "-p", "15001"]))
     assert init_names(after) == [names.WAITER_CONTAINER]
+
+
+# -- hostile pods --------------------------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+_ARGS = st.lists(st.sampled_from(["istio-iptables", "-p", "15001", "-u", "x", "--ipv6"]))
+_CONTAINER = st.fixed_dictionaries(
+    {"name": st.sampled_from(["istio-init", "istio-proxy", "app", names.WAITER_CONTAINER])},
+    optional={"args": _ARGS | _JSON, "env": _JSON, "securityContext": _JSON},
+)
+_POD = st.fixed_dictionaries(
+    {
+        "metadata": st.fixed_dictionaries(
+            {"namespace": st.sampled_from(["shop", "kube-system"])},
+            optional={
+                "annotations": st.dictionaries(
+                    st.sampled_from(
+                        [
+                            names.OPT_IN,
+                            names.IPTABLES_ARGS,
+                            names.SIDECAR_STATUS,
+                            "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                        ]
+                    ),
+                    st.sampled_from(["true", "*", "[]", "x", "10.0.0.0/8"]),
+                )
+            },
+        ),
+        "spec": st.fixed_dictionaries(
+            {},
+            optional={
+                "containers": st.lists(_CONTAINER, max_size=3) | _JSON,
+                "initContainers": st.lists(_CONTAINER, max_size=3) | _JSON,
+                "volumes": st.lists(st.fixed_dictionaries({"name": st.text(max_size=5)}), max_size=2) | _JSON,
+                "hostNetwork": st.booleans(),
+            },
+        ),
+    }
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_POD)
+def test_any_pod_gets_an_answer_and_a_patch_that_applies_once(pod: dict[str, Any]) -> None:
+    mutation = mutate_pod(pod, None, SETTINGS)
+    assert isinstance(mutation, Patch | Unchanged | Denied)
+    if isinstance(mutation, Patch):
+        after = apply_patch(pod, mutation.ops)
+        assert init_names(after).count(names.WAITER_CONTAINER) == 1
+        if names.WAITER_CONTAINER not in init_names(pod):
+            assert init_names(after)[0] == names.WAITER_CONTAINER
+        assert "istio-init" not in init_names(after)
+        assert mutate_pod(after, None, SETTINGS) == Unchanged(f"already has {names.WAITER_CONTAINER}")
