@@ -355,8 +355,12 @@ def prove_redirect(probe: Probe, *, timeout: float = DEFAULT_VERIFY_TIMEOUT) -> 
                     1,
                 ) from None
             with conn:
-                original = _original_dst(conn)
-                conn.sendall(token)
+                try:
+                    original = _original_dst(conn)
+                    conn.sendall(token)
+                except OSError as exc:
+                    message = f"redirect check failed: no original destination for the connection to {target}"
+                    raise WaitFailed(f"{message} ({exc.strerror or exc}): it was not redirected", 1) from None
             received = b""
             try:
                 while len(received) < len(token):
@@ -425,9 +429,7 @@ def run(
     except (SpecError, OutOfScope) as exc:
         log(f"redirect check skipped: the pod's traffic settings cannot be read from its annotations: {exc}")
         return 0, line + "; redirect check skipped"
-    plan = plan_verify(
-        spec, uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid
-    )
+    plan = plan_verify(spec, uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid)
     if isinstance(plan, Skip):
         log(f"redirect check skipped: {plan.reason}")
         return 0, line + "; redirect check skipped"
@@ -447,4 +449,3 @@ def _applied(detail: Mapping[str, Any]) -> str:
     if isinstance(at, str) and at:
         parts.append(f"applied {at}")
     return f" ({', '.join(parts)})" if parts else ""
-

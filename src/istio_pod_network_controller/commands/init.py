@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from .. import names
-from ..cli import EXIT_INVALID, EXIT_OK, PROG
+from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, PROG
 from ..waiter import DEFAULT_TIMEOUT, DEFAULT_VERIFY_TIMEOUT, Options, run
 
 PREFIX = f"{PROG} {names.WAITER_SUBCOMMAND}"
@@ -92,6 +92,9 @@ def main(argv: list[str]) -> int:
     options = Options(
         file=args.file, timeout=args.timeout, verify=args.verify, verify_timeout=args.verify_timeout
     )
-    code, line = run(options, log=_log)
+    try:
+        code, line = run(options, log=_log)
+    except Exception as exc:  # a bug or an unforeseen OS error: still one line, and a failure
+        code, line = EXIT_FAILURE, f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}"
     print(f"{PREFIX}: {line}", file=sys.stdout if code == EXIT_OK else sys.stderr, flush=True)
     return code
