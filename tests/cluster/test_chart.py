@@ -643,16 +643,20 @@ def test_helm_install_upgrade_keeps_certificate_and_uninstall(
 # 4. lint, schema, rendering variants (helm only)
 
 
-@pytest.mark.parametrize("distribution", ["Kubernetes", "OpenShift"])
-def test_helm_lint_is_clean(distribution: str) -> None:
-    result = chart.helm(
-        "lint",
-        "--strict",
-        "--set",
-        f"kubernetesDistribution={distribution}",
-        str(chart.chart_dir()),
-        check=False,
-    )
+@pytest.mark.parametrize(
+    "settings",
+    [
+        ["kubernetesDistribution=Kubernetes"],
+        ["kubernetesDistribution=OpenShift"],
+        ["webhook.certManager.enabled=true"],
+        ["webhook.enabled=false"],
+        ["metrics.serviceMonitor.enabled=true", "webhook.failurePolicy=Ignore"],
+    ],
+    ids=lambda settings: ",".join(settings),
+)
+def test_helm_lint_is_clean(settings: list[str]) -> None:
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    result = chart.helm("lint", "--strict", *sets, str(chart.chart_dir()), check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
     for level in ("[INFO]", "[WARNING]", "[ERROR]"):
@@ -698,6 +702,42 @@ def test_schema_rejects_bad_values_naming_them(setting: str, expected: str) -> N
     assert "values don't meet the specifications of the schema" in result.stderr
     assert expected in result.stderr, result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"webhook.enabled": False},
+        {"webhook.failurePolicy": "Ignore", "webhook.scope.namespaceLabel": False},
+        {
+            "webhook.scope.podLabel": False,
+            "webhook.namespaceSelectorExpressions[0].key": "team",
+            "webhook.namespaceSelectorExpressions[0].operator": "In",
+            "webhook.namespaceSelectorExpressions[0].values[0]": "payments",
+        },
+        {
+            "webhook.objectSelectorExpressions[0].key": "app",
+            "webhook.objectSelectorExpressions[0].operator": "Exists",
+        },
+        {
+            "agent.updateStrategy.rollingUpdate.maxUnavailable": "10%",
+            "agent.priorityClassName": "",
+            "webhook.podDisruptionBudget.minAvailable": "50%",
+            "webhook.priorityClassName": "system-cluster-critical",
+            "imagePullSecrets[0].name": "pull",
+            "waiter.runAsUser": 1000,
+        },
+    ],
+    ids=["webhook-off", "ignore-pods-only", "namespaces-only", "object-expression", "tuned"],
+)
+def test_variants_are_accepted_by_the_api_server(
+    control_plane: ControlPlane, shared_dir: Path, namespace: str, values: dict[str, str | int | bool]
+) -> None:
+    register_scc_crd(control_plane, shared_dir)
+    for distribution in ("Kubernetes", "OpenShift"):
+        manifest = chart.template(namespace, values, distribution=distribution)
+        result = control_plane.kubectl("apply", "--dry-run=server", "-f", "-", input=manifest, check=False)
+        assert result.returncode == 0, result.stderr
 
 
 def test_scope_needs_one_entry() -> None:
