@@ -42,6 +42,8 @@ def opted_in(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None) -> str
     """How the pod is opted in, or None."""
     if annotations_of(pod).get(names.OPT_IN) == names.OPT_IN_VALUE:
         return "pod annotation"
+    if _labels_of(pod).get(names.OPT_IN) == names.OPT_IN_VALUE:
+        return "pod label"  # a label, unlike an annotation, is what a webhook objectSelector matches
     if annotations_of(namespace).get(names.OPT_IN) == names.OPT_IN_VALUE:
         return "namespace annotation"
     if _labels_of(namespace).get(names.OPT_IN) == names.OPT_IN_VALUE:

@@ -75,3 +75,9 @@ def test_native_sidecar_counts() -> None:
         initContainers=[{"name": "istio-proxy", "restartPolicy": "Always"}],
     )
     assert decide(p, None).ours
+
+
+def test_pod_label_opts_in_as_the_webhook_object_selector_matches_it() -> None:
+    p = pod()
+    p["metadata"]["labels"] = OPT_IN
+    assert decide(p, ns()).ours
