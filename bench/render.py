@@ -15,8 +15,10 @@ from typing import Any
 from istio_pod_network_controller.render import render
 from istio_pod_network_controller.spec import spec_from_pod
 
-SIDECAR_ARGS = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*",
-                "-x", "", "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"]  # fmt: skip
+SIDECAR_ARGS = [
+    *("istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", ""),
+    *("-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info"),
+]
 
 
 def pods() -> dict[str, dict[str, Any]]:
