@@ -31,7 +31,9 @@ def _labels_of(obj: Mapping[str, Any] | None) -> dict[str, str]:
 def has_waiter(pod: Mapping[str, Any]) -> bool:
     spec = pod.get("spec")
     inits = spec.get("initContainers") if isinstance(spec, Mapping) else None
-    return any(isinstance(c, Mapping) and c.get("name") == names.WAITER_CONTAINER for c in inits or [])
+    if not isinstance(inits, list):
+        return False
+    return any(isinstance(c, Mapping) and c.get("name") == names.WAITER_CONTAINER for c in inits)
 
 
 def has_mesh_sidecar(pod: Mapping[str, Any]) -> bool:

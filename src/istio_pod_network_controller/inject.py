@@ -244,7 +244,7 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
         done.append(f"replaced {INIT_CONTAINER} (its arguments kept in {names.IPTABLES_ARGS})")
     if _index_of(inits, names.WAITER_CONTAINER) is None:
         waiter = waiter_container(settings, run_as=_waiter_uid(settings, _proxy_ids(spec)))
-        if "initContainers" in spec_obj and spec_obj["initContainers"] is not None:
+        if isinstance(spec_obj.get("initContainers"), list):
             ops.append({"op": "add", "path": "/spec/initContainers/0", "value": waiter})
         else:
             ops.append({"op": "add", "path": "/spec/initContainers", "value": [waiter]})

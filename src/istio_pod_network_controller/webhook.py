@@ -136,9 +136,29 @@ def parse_review(body: bytes, content_type: str) -> AdmissionRequest:
         dry_run=dry_run,
         object=obj,
     )
-    if parsed.is_pod_creation and obj is None:
-        raise BadReview(400, "request.object is missing for a pod CREATE")
+    if parsed.is_pod_creation:
+        if obj is None:
+            raise BadReview(400, "request.object is missing for a pod CREATE")
+        _check_pod_shape(obj)
     return parsed
+
+
+def _check_pod_shape(pod: Mapping[str, Any]) -> None:
+    """The fields the mutation reads have the types the Pod schema gives them (the API server
+    sends nothing else; anyone else gets a 400 naming the field)."""
+    metadata = pod.get("metadata", {})
+    if not isinstance(metadata, dict):
+        raise BadReview(400, "request.object.metadata must be an object")
+    annotations = metadata.get("annotations") or {}
+    if not isinstance(annotations, dict) or not all(isinstance(v, str) for v in annotations.values()):
+        raise BadReview(400, "request.object.metadata.annotations must map strings to strings")
+    spec = pod.get("spec")
+    if not isinstance(spec, dict):
+        raise BadReview(400, "request.object.spec must be an object")
+    for key in ("containers", "initContainers", "volumes"):
+        items = spec.get(key)
+        if items is not None and not (isinstance(items, list) and all(isinstance(i, dict) for i in items)):
+            raise BadReview(400, f"request.object.spec.{key} must be a list of objects")
 
 
 def review_response(

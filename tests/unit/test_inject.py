@@ -385,7 +385,9 @@ def test_any_pod_gets_an_answer_and_a_patch_that_applies_once(pod: dict[str, Any
     assert isinstance(mutation, Patch | Unchanged | Denied)
     if isinstance(mutation, Patch):
         after = apply_patch(pod, mutation.ops)
-        assert init_names(after).count(names.WAITER_CONTAINER) == 1
+        assert init_names(after).count(names.WAITER_CONTAINER) == max(
+            1, init_names(pod).count(names.WAITER_CONTAINER)
+        )
         if names.WAITER_CONTAINER not in init_names(pod):
             assert init_names(after)[0] == names.WAITER_CONTAINER
         assert "istio-init" not in init_names(after)

@@ -297,6 +297,28 @@ MALFORMED = [
     ("no-object", body(without(VALID, "request", "object")), J, 400, "request.object is missing"),
     ("object-string", body(with_value(VALID, "pod", "request", "object")), J, 400, "must be an object"),
     ("dryrun-string", body(with_value(VALID, "yes", "request", "dryRun")), J, 400, "dryRun"),
+    ("spec-list", body(with_value(VALID, [], "request", "object", "spec")), J, 400, "spec must be an object"),
+    (
+        "inits-bool",
+        body(with_value(VALID, True, "request", "object", "spec", "initContainers")),
+        J,
+        400,
+        "spec.initContainers must be a list of objects",
+    ),
+    (
+        "containers-strs",
+        body(with_value(VALID, ["a"], "request", "object", "spec", "containers")),
+        J,
+        400,
+        "spec.containers must be a list of objects",
+    ),
+    (
+        "annotation-int",
+        body(with_value(VALID, {"a": 1}, "request", "object", "metadata", "annotations")),
+        J,
+        400,
+        "annotations must map strings to strings",
+    ),
 ]
 
 
