@@ -296,13 +296,12 @@ class Applier:
         read-first path must take over."""
         expected = {f.family: self.expected.compute(self.tools, f.family, f.desired) for f in fams}
         self._step("restore", ns)
+        # A family we do not write is not read either: every ruleset we apply creates IPv4 nat
+        # chains, so if the IPv4 create succeeds we never programmed this namespace, and there is
+        # no old IPv6 rule of ours to remove.
         texts = {f.family: tables.create_transaction(f.desired) for f in fams}
-        running = [
-            ns.start(self.tools.restore_argv(f.family), stdin=texts[f.family])
-            if texts[f.family]
-            else ns.start(self.tools.save_argv(f.family))
-            for f in fams
-        ]
+        fams = [f for f in fams if texts[f.family]]
+        running = [ns.start(self.tools.restore_argv(f.family), stdin=texts[f.family]) for f in fams]
         passthrough = (
             ns.start([tool("ip"), "-6", "addr", "add", routes.PASSTHROUGH_V6, "dev", "lo"])
             if ruleset.ipv6_passthrough_address
@@ -311,16 +310,13 @@ class Applier:
         results = [r.wait() for r in running]
         fallback = False
         for fam, done in zip(fams, results, strict=True):
-            text = texts[fam.family]
-            if text and done.ok:
+            if done.ok:
                 fam.created, fam.created_tables = expected[fam.family], None
-            elif text:
+            else:
                 fallback = True
-                committed = tables.committed_tables(text, done.stderr)
+                committed = tables.committed_tables(texts[fam.family], done.stderr)
                 if committed:
                     fam.created, fam.created_tables = expected[fam.family], committed
-            elif not done.ok or not tables.owned(tables.parse_save(done.stdout)).is_empty():
-                fallback = True  # an unwritten family holds old rules of ours (or cannot be read)
         if passthrough is not None:
             done = passthrough.wait()
             if not done.ok and "exists" not in done.stderr and "already assigned" not in done.stderr:
@@ -329,8 +325,7 @@ class Applier:
             return False
 
         self._step("verify", ns)
-        written = [f for f in fams if texts[f.family]]
-        for fam, done in zip(written, self._saves(ns, written), strict=True):
+        for fam, done in zip(fams, self._saves(ns, fams), strict=True):
             got = tables.owned(tables.parse_save(done.stdout)) if done.ok else None
             if got is None or not got.same_rules(expected[fam.family]):
                 # Not what a namespace without rules of ours would give: hand over to the
