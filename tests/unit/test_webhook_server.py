@@ -18,17 +18,22 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from istio_pod_network_controller import names
 from istio_pod_network_controller.inject import WaiterSettings
 from istio_pod_network_controller.testing.webhook_tls import ServingPair, make_serving_pair
 from istio_pod_network_controller.webhook import (
     MAX_REVIEW_BYTES,
+    BadReview,
     CachedNamespaces,
     NamespaceLookupError,
     NoNamespaces,
     TlsFiles,
     WebhookServer,
+    admit,
+    parse_review,
 )
 
 SETTINGS = WaiterSettings(image="registry.example/ipnc:1.0")
@@ -466,3 +471,49 @@ async def test_cached_namespaces_expire_and_failures_are_not_cached() -> None:
 
 async def test_without_namespace_lookup_only_the_pods_opt_in_counts() -> None:
     assert await NoNamespaces().get("shop") is None
+
+
+# -- hostile bodies, without a socket --------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+def _mutated_review(value: Any, path: list[str]) -> dict[str, Any]:
+    doc = json.loads(json.dumps(VALID))
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return doc
+
+
+_PATHS = [
+    ["request"], ["request", "uid"], ["request", "kind"], ["request", "object"], ["request", "namespace"],
+    ["request", "object", "metadata"], ["request", "object", "spec"], ["request", "dryRun"],
+    ["request", "object", "spec", "initContainers"], ["request", "object", "metadata", "annotations"],
+]  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON, st.sampled_from(_PATHS))
+def test_any_json_in_any_field_gets_an_answer_or_a_4xx(value: Any, path: list[str]) -> None:
+    try:
+        request = parse_review(json.dumps(_mutated_review(value, path)).encode(), J)
+    except BadReview as exc:
+        assert 400 <= exc.status < 500
+        return
+    answer = asyncio.run(admit(request, SETTINGS, NoNamespaces()))
+    assert answer.status == 200
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_get_a_4xx_or_parse(raw: bytes) -> None:
+    try:
+        parse_review(raw, J)
+    except BadReview as exc:
+        assert 400 <= exc.status < 500
