@@ -28,7 +28,7 @@ from .decide import DEFAULT_EXCLUDED_NAMESPACES, decide
 from .node import locate
 from .node.apply import Applier, ApplyResult
 from .node.errors import LocateError, NodeError
-from .node.netns import Netns
+from .node.netns import Netns, NetnsId, netns_id_of
 from .observe import Metrics
 from .render import Ruleset, render
 from .spec import OutOfScope, SpecError, spec_from_pod
@@ -107,6 +107,8 @@ class Agent:
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_beat = time.monotonic()
+        # uid -> (netns path, identity) where we last found the pod's sandbox
+        self._seen: dict[str, tuple[str, NetnsId]] = {}
 
     # -- events -> keys ---------------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class Agent:
     async def reconcile(self, uid: str) -> Outcome:
         pod = self.pods.store.get(uid)
         if pod is None:
+            self._seen.pop(uid, None)
             return Outcome.DONE  # deleted meanwhile: nothing to undo, the namespace went with it
         meta = pod.get("metadata") or {}
         if meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
@@ -146,6 +149,8 @@ class Agent:
         ruleset = render(spec)
         sha = ruleset.sha256()
 
+        if self._still_programmed(uid, pod, sha):
+            return Outcome.DONE  # e.g. the echo of our own status patch: no /proc scan needed
         loop = asyncio.get_running_loop()
         try:
             netns = await loop.run_in_executor(self.executor, self.find_netns, uid, pod_ips(pod))
@@ -155,6 +160,7 @@ class Agent:
             return Outcome.RETRY
         try:
             detail = read_detail(pod)
+            self._seen[uid] = (netns.path, netns.id)
             if (
                 read_status(pod) == names.STATUS_INITIALIZED
                 and detail.get("netnsInode") == netns.inode
@@ -203,6 +209,21 @@ class Agent:
             f"{result.inode} ({result.backend} backend, {result.milliseconds:.1f} ms)",
         )
         return Outcome.DONE
+
+    def _still_programmed(self, uid: str, pod: Mapping[str, Any], sha: str) -> bool:
+        """True when the pod is marked initialized with this ruleset for the namespace we last
+        found for it, and that namespace is still its sandbox's (one stat, no scan): the sandbox
+        process still lives in the same namespace. A recreated sandbox fails this check."""
+        seen = self._seen.get(uid)
+        if seen is None or read_status(pod) != names.STATUS_INITIALIZED:
+            return False
+        detail = read_detail(pod)
+        if detail.get("rulesetSha256") != sha or detail.get("netnsInode") != seen[1].inode:
+            return False
+        try:
+            return netns_id_of(seen[0]) == seen[1]
+        except OSError:
+            return False
 
     def _apply(self, netns: Netns, ruleset: Ruleset) -> ApplyResult:
         return self.applier.apply(netns, ruleset)
