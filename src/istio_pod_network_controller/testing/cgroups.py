@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -99,9 +101,20 @@ class KubeletCgroups:
                 for pid in (directory / "cgroup.procs").read_text().split():
                     with contextlib.suppress(OSError):
                         (root / "cgroup.procs").write_text(f"{pid}\n")
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+            _rmdir(directory)
         self._created = [d for d in self._created if d.exists()]
+
+
+def _rmdir(directory: Path) -> None:
+    """Remove a cgroup directory; a task that just left may keep it busy for a moment."""
+    deadline = time.monotonic() + 2
+    while directory.exists():
+        try:
+            directory.rmdir()
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
 
 def _mount_root(directory: Path) -> Path:
