@@ -107,14 +107,15 @@ class Agent:
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._last_beat = time.monotonic()
-        # uid -> (netns path, identity) where we last found the pod's sandbox
-        self._seen: dict[str, tuple[str, NetnsId]] = {}
+        # uid -> (netns path, identity, pod IPs then) where we last found the pod's sandbox
+        self._seen: dict[str, tuple[str, NetnsId, tuple[str, ...]]] = {}
 
     # -- events -> keys ---------------------------------------------------------------------
 
     def _pod_changed(self, uid: str, pod: dict[str, Any] | None) -> None:
         self.queue.add(uid)
         self.metrics.queue_depth.set(len(self.queue))
+        self.metrics.pods_watched.set(len(self.pods.store))
 
     def _namespace_changed(self, name: str, namespace: dict[str, Any] | None) -> None:
         # The opt-in may live on the namespace: re-check its pods on this node.
@@ -160,7 +161,7 @@ class Agent:
             return Outcome.RETRY
         try:
             detail = read_detail(pod)
-            self._seen[uid] = (netns.path, netns.id)
+            self._seen[uid] = (netns.path, netns.id, pod_ips(pod))
             if (
                 read_status(pod) == names.STATUS_INITIALIZED
                 and detail.get("netnsInode") == netns.inode
@@ -215,8 +216,8 @@ class Agent:
         found for it, and that namespace is still its sandbox's (one stat, no scan): the sandbox
         process still lives in the same namespace. A recreated sandbox fails this check."""
         seen = self._seen.get(uid)
-        if seen is None or read_status(pod) != names.STATUS_INITIALIZED:
-            return False
+        if seen is None or read_status(pod) != names.STATUS_INITIALIZED or seen[2] != pod_ips(pod):
+            return False  # a new pod IP means a new sandbox: look again
         detail = read_detail(pod)
         if detail.get("rulesetSha256") != sha or detail.get("netnsInode") != seen[1].inode:
             return False

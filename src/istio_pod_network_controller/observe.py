@@ -73,6 +73,7 @@ class Metrics:
             registry=r,
         )
         self.queue_depth = Gauge("ipnc_queue_depth", "Pods waiting to be reconciled", registry=r)
+        self.pods_watched = Gauge("ipnc_pods_watched", "Pods of this node in the agent's cache", registry=r)
         self.watch_restarts = Counter(
             "ipnc_watch_restarts", "Watch restarts by resource and cause", ["resource", "cause"], registry=r
         )

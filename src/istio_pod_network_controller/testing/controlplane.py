@@ -507,7 +507,10 @@ class ControlPlane:
 
     def restart_apiserver(self, *, down_seconds: float = 0.0, ready_timeout: float = 60.0) -> None:
         """Stop kube-apiserver (SIGTERM), wait ``down_seconds``, start it again on the same port
-        and wait until it is ready: clients see their watches break and must reconnect."""
+        and wait until it is ready: clients see their watches break and must reconnect.
+
+        Call it from the thread that started the control plane (in tests: the main thread): the
+        server is killed when the thread that started it ends (PR_SET_PDEATHSIG is per thread)."""
         assert self._apiserver is not None, "not started"
         self._apiserver.stop()
         time.sleep(down_seconds)
