@@ -308,6 +308,16 @@ def _killpg(pid: int, sig: signal.Signals) -> None:
         os.killpg(pid, sig)
 
 
+def _our_group_leader(pid: int) -> bool:
+    """Whether ``pid`` is still our child and leads its process group (not a reused PID)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+    return len(fields) > 2 and fields[1] == str(os.getpid()) and fields[2] == str(pid)
+
+
 def _kill_cgroup(directory: Path) -> None:
     """SIGKILL the processes left in one of our container cgroups (by their PIDs)."""
     with contextlib.suppress(OSError):
@@ -428,27 +438,43 @@ class NodeStandIn:
         return self
 
     def close(self) -> None:
-        """Stop every pod's processes, remove every namespace, veth, cgroup and file. Idempotent."""
+        """Stop every pod's processes, remove every namespace, veth, cgroup and file. Idempotent.
+        Each step runs even if an earlier one failed; the first failure is raised at the end."""
         if self._closed:
             return
         self._closed = True
-        try:
-            loop, stop = self._loop, self._stop
-            if loop is not None and stop is not None and self._thread is not None:
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(stop.set)
-            if self._thread is not None:
-                self._thread.join(60)
-        finally:
-            for pid in sorted(self._spawned):  # last resort, if the thread could not stop them
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None and self._thread is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has already stopped
+                loop.call_soon_threadsafe(stop.set)
+        if self._thread is not None:
+            self._thread.join(60)
+            if self._thread.is_alive():
+                log.warning("node stand-in %s: its thread did not stop within 60s", self.node_name)
+        errors: list[BaseException] = []
+        steps: list[Callable[[], None]] = [self._kill_leftovers, self._sweep_cgroups]
+        if self.lab is not None:
+            steps.insert(1, self.lab.close)
+        if self.workdir != Path():
+            steps.append(functools.partial(shutil.rmtree, self.workdir))
+        for step in steps:
+            try:
+                step()
+            except FileNotFoundError:
+                pass
+            except Exception as exc:
+                log.warning("node stand-in %s: cleanup step failed: %r", self.node_name, exc)
+                errors.append(exc)
+        if self._subnet_index is not None:
+            _release_subnet(self._subnet_index)
+        if errors:
+            raise errors[0]
+
+    def _kill_leftovers(self) -> None:
+        """Last resort, if the thread could not stop them: every process we started, by PID."""
+        for pid in sorted(self._spawned):
+            if _our_group_leader(pid):
                 _killpg(pid, signal.SIGKILL)
-            if self.lab is not None:
-                self.lab.close()
-            self._sweep_cgroups()
-            if self._subnet_index is not None:
-                _release_subnet(self._subnet_index)
-            if self.workdir != Path():
-                shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _sweep_cgroups(self) -> None:
         """Remove our cgroup folder in every tree (parents shared by pods stay until here)."""
