@@ -75,7 +75,7 @@ from typing import Any, TypeVar
 from ..cluster.api import Api, ApiError
 from ..cluster.reflector import Reflector, cancel_all, uid_key
 from . import kubelet
-from .cgroups import Driver, KubeletCgroups, mounts
+from .cgroups import Driver, KubeletCgroups, mounts, pod_cgroup_path
 from .netlab import Netlab, Pod
 
 log = logging.getLogger(__name__)
@@ -1154,6 +1154,7 @@ class NodeStandIn:
                 )
             )
         sb.inode = os.stat(sb.netns).st_ino
+        self._shared_cgroups(pod)
         argv = [
             self._nsenter,
             f"--net={sb.netns}",
@@ -1182,6 +1183,19 @@ class NodeStandIn:
                 )
             )
         sb.ready = True
+
+    def _shared_cgroups(self, pod: _Pod) -> None:
+        """Create the folders above the pod's own (``kubepods.slice/kubepods-<qos>.slice``) as the
+        stand-in's, not the sandbox's: they are shared by its pods and removed at close, so tearing
+        down one sandbox never waits on a folder that holds the others."""
+        relative = pod_cgroup_path(pod.uid, "x", driver=self.driver, qos=self._qos(pod))
+        found = mounts()
+        for tree in self._trees:
+            folder = found[tree] / self.cgroup_top
+            folder.mkdir(exist_ok=True)
+            for part in relative.split("/")[:-2]:
+                folder = folder / part
+                folder.mkdir(exist_ok=True)
 
     async def _spawn_pause(self, sb: _Sandbox, argv: list[str]) -> asyncio.subprocess.Process:
         # Shielded by the caller: a cancelled sandbox still learns of its pause process.
@@ -1222,7 +1236,7 @@ class NodeStandIn:
                 for folder in [directory.parent, *directory.parent.iterdir()]:
                     if folder.is_dir():
                         _kill_cgroup(folder)
-        sb.cgroups.close()
+        await self._in_executor(sb.cgroups.close)  # may wait briefly on a folder a task just left
         for directory in sb.cgroup_dirs:  # the pod's own folder, if no other sandbox holds it
             with contextlib.suppress(OSError):
                 directory.parent.rmdir()
