@@ -6,6 +6,7 @@ test does by hand (the mark on the pod, an iptables rule)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -614,3 +615,87 @@ def test_two_node_stand_ins_coexist_each_with_its_own_pods_and_addresses(
             assert status["podIP"] == v.ipv4 and status["phase"] == "Running"
     _assert_nothing_left(one)
     _assert_nothing_left(two)
+
+
+# -- native sidecars and projected volumes -----------------------------------------------------
+
+
+def test_a_native_sidecar_is_listening_before_the_next_init_container_and_keeps_running(
+    node: NodeStandIn, kube: Client, namespace: str
+) -> None:
+    sidecar = {**_proxy(), "restartPolicy": "Always"}
+    # 15001 = 0x3A99, in state 0A (LISTEN), in this namespace's /proc/net/tcp.
+    check = _shell("after-proxy", "grep -q ':3A99 00000000:0000 0A' /proc/net/tcp")
+    kube.create(
+        _pod("native", namespace, node.node_name, initContainers=[sidecar, check], containers=[_app()])
+    )
+    view = node.wait_for(namespace, "native", _running)
+    assert view.container("after-proxy").exit_codes == (0,)
+    proxy = view.container("istio-proxy")
+    assert proxy.init and proxy.state == "running" and proxy.ready and proxy.restart_count == 0
+    status = _status(kube, namespace, "native")
+    sidecar_status = status["initContainerStatuses"][0]
+    assert sidecar_status["started"] and sidecar_status["ready"] and "running" in sidecar_status["state"]
+    assert next(c for c in status["conditions"] if c["type"] == "Initialized")["status"] == "True"
+
+
+def test_projected_volumes_carry_a_bound_service_account_token_and_downward_files(
+    control_plane: ControlPlane, node: NodeStandIn, kube: Client, namespace: str
+) -> None:
+    control_plane.service_account_token(namespace, "reader")  # creates the ServiceAccount
+    projected = {
+        "name": "tokens",
+        "projected": {
+            "sources": [
+                {
+                    "serviceAccountToken": {
+                        "path": "istio-token",
+                        "audience": "istio-ca",
+                        "expirationSeconds": 3600,
+                    }
+                },
+                {
+                    "downwardAPI": {
+                        "items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]
+                    }
+                },
+                {"configMap": {"name": "absent-and-optional", "optional": True}},
+            ]
+        },
+    }
+    mount = [{"name": "tokens", "mountPath": "/var/run/secrets/tokens"}]
+    kube.create(
+        _pod(
+            "bound",
+            namespace,
+            node.node_name,
+            serviceAccountName="reader",
+            containers=[_app(volumeMounts=mount)],
+            volumes=[projected],
+        )
+    )
+    view = node.wait_for(namespace, "bound", _running)
+    folder = view.volume_dirs["tokens"]
+    assert (folder / "labels").read_text() == ""
+    token = (folder / "istio-token").read_text()
+    payload = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+    assert payload["aud"] == ["istio-ca"]
+    assert payload["kubernetes.io"]["pod"] == {"name": "bound", "uid": view.uid}
+    assert payload["kubernetes.io"]["serviceaccount"]["name"] == "reader"
+    assert view.notes == ()
+
+    # A ServiceAccount that does not exist gives no token (the API server refuses a projected token
+    # without a serviceAccountName at all): the pod still runs here, and says why the file is missing.
+    kube.create(
+        _pod(
+            "unbound",
+            namespace,
+            node.node_name,
+            serviceAccountName="nobody",
+            containers=[_app(volumeMounts=mount)],
+            volumes=[projected],
+        )
+    )
+    view = node.wait_for(namespace, "unbound", _running)
+    assert not (view.volume_dirs["tokens"] / "istio-token").exists()
+    assert any("serviceAccountToken" in note for note in view.notes)
