@@ -699,3 +699,37 @@ def test_projected_volumes_carry_a_bound_service_account_token_and_downward_file
     view = node.wait_for(namespace, "unbound", _running)
     assert not (view.volume_dirs["tokens"] / "istio-token").exists()
     assert any("serviceAccountToken" in note for note in view.notes)
+
+
+def test_restart_policy_never_fails_the_pod_on_a_failing_init_container(
+    node: NodeStandIn, kube: Client, namespace: str
+) -> None:
+    kube.create(
+        _pod(
+            "once",
+            namespace,
+            node.node_name,
+            restartPolicy="Never",
+            initContainers=[_shell("fails", "echo no; exit 3")],
+            containers=[_app()],
+        )
+    )
+    view = node.wait_for(namespace, "once", lambda v: v.phase == "Failed")
+    assert view.container("fails").exit_codes == (3,) and view.container("app").state == "waiting"
+    status = _eventually(
+        "phase Failed reported", lambda: (s := _status(kube, namespace, "once"))["phase"] == "Failed" and s
+    )
+    assert status["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] == 3
+    assert status["initContainerStatuses"][0]["restartCount"] == 0
+
+
+def test_a_host_network_pod_runs_in_the_node_namespace_with_the_node_ip(
+    node: NodeStandIn, kube: Client, namespace: str
+) -> None:
+    kube.create(_pod("hostnet", namespace, node.node_name, hostNetwork=True, containers=[_app()]))
+    view = node.wait_for(namespace, "hostnet", _running)
+    assert view.netns == view.node_netns and view.ipv4 == view.host_ip and not view.veth
+    assert _status(kube, namespace, "hostnet")["podIP"] == view.host_ip
+    kube.delete(Pod, "hostnet", namespace=namespace)
+    node.wait_gone(view.uid)
+    assert Path(view.node_netns).exists()  # the node's namespace stays
