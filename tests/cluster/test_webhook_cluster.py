@@ -3,19 +3,16 @@ with a caBundle points at the real `webhook` process on loopback; in a namespace
 `restricted` and opted in, Istio's injected pods are admitted after mutation (waiter first, no
 NET_ADMIN anywhere) and rejected by PodSecurity where the webhook does not apply.
 
-The webhook reads namespaces with a ServiceAccount token that may only `get namespaces`, the one
-permission it needs. Its configuration registers it twice, so every pod also shows that a second
-call on an already mutated pod changes nothing (what `reinvocationPolicy: IfNeeded` relies on).
+The webhook reads namespaces with a token of the chart's webhook ServiceAccount, under the chart's
+RBAC (it may only `get namespaces`). Its configuration registers it twice, so every pod also shows
+that a second call on an already mutated pod changes nothing (what `reinvocationPolicy: IfNeeded`
+relies on).
 """
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,7 +28,7 @@ from lightkube.types import PatchType
 from istio_pod_network_controller import names
 from istio_pod_network_controller.spec import spec_from_pod
 from istio_pod_network_controller.testing.controlplane import ControlPlane
-from istio_pod_network_controller.testing.webhook_tls import make_serving_pair
+from istio_pod_network_controller.testing.webhookproc import WebhookProcess, webhook_kubeconfig
 
 pytestmark = pytest.mark.cluster
 
@@ -107,108 +104,6 @@ def added_capabilities(pod: dict[str, Any]) -> list[str]:
 # -- the webhook process and its registration -------------------------------------------------------
 
 
-@dataclass
-class Webhook:
-    process: subprocess.Popen[str]
-    port: int
-    namespace: str
-    log_path: Path
-
-    def logs(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def _grant_namespace_reads(kube: Client, control_plane: ControlPlane, account_ns: str, folder: Path) -> Path:
-    kubeconfig = control_plane.write_service_account_kubeconfig(account_ns, "webhook", folder / "kubeconfig")
-    rbac = f"""
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {{name: {account_ns}-webhook}}
-rules: [{{apiGroups: [""], resources: [namespaces], verbs: [get]}}]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {{name: {account_ns}-webhook}}
-roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {account_ns}-webhook}}
-subjects: [{{kind: ServiceAccount, name: webhook, namespace: {account_ns}}}]
-"""
-    control_plane.kubectl("apply", "-f", "-", input=rbac)
-    deadline = time.monotonic() + 10
-    while True:  # RBAC changes take effect asynchronously
-        done = control_plane.kubectl(
-            "auth",
-            "can-i",
-            "get",
-            "namespaces",
-            f"--as=system:serviceaccount:{account_ns}:webhook",
-            check=False,
-        )
-        if done.stdout.strip() == "yes":
-            return kubeconfig
-        assert time.monotonic() < deadline, "RBAC for the webhook's ServiceAccount never took effect"
-        time.sleep(0.1)
-
-
-def _start_webhook(
-    cert: Path, key: Path, kubeconfig: Path, log_path: Path
-) -> tuple[subprocess.Popen[str], int]:
-    argv = [
-        sys.executable, "-m", "istio_pod_network_controller.cli", "webhook",
-        "--tls-cert-file", str(cert), "--tls-private-key-file", str(key),
-        "--address", "127.0.0.1", "--port", "0", "--waiter-image", WAITER_IMAGE,
-        "--kubeconfig", str(kubeconfig), "--shutdown-grace", "0", "--namespace-cache-seconds", "1",
-    ]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "POD_NAMESPACE")}
-    log = log_path.open("w")
-    proc = subprocess.Popen(argv, stdout=log, stderr=log, text=True, env=env)  # noqa: S603
-    log.close()
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        for line in log_path.read_text().splitlines():
-            record = json.loads(line) if line.startswith("{") else {}
-            if record.get("msg") == "webhook serving":
-                return proc, int(str(record["address"]).rpartition(":")[2])
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    raise AssertionError(f"the webhook did not start:\n{log_path.read_text()}")
-
-
-def _configuration(name: str, port: int, ca_pem: bytes, namespace: str) -> dict[str, Any]:
-    def webhook(entry: str) -> dict[str, Any]:
-        return {
-            "name": f"{entry}.pod-network-controller.istio.io",
-            "admissionReviewVersions": ["v1"],
-            "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "reinvocationPolicy": "IfNeeded",
-            "timeoutSeconds": 10,
-            "clientConfig": {
-                "url": f"https://127.0.0.1:{port}/mutate",
-                "caBundle": base64.b64encode(ca_pem).decode(),
-            },
-            "rules": [
-                {
-                    "operations": ["CREATE"],
-                    "apiGroups": [""],
-                    "apiVersions": ["v1"],
-                    "resources": ["pods"],
-                    "scope": "Namespaced",
-                }
-            ],
-            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}},
-        }
-
-    return {
-        "apiVersion": "admissionregistration.k8s.io/v1",
-        "kind": "MutatingWebhookConfiguration",
-        "metadata": {"name": name},
-        "webhooks": [webhook("inject"), webhook("again")],
-    }
-
-
 def _wait_until_effective(kube: Client, namespace: str) -> None:
     deadline = time.monotonic() + EFFECTIVE_TIMEOUT
     attempt = 0
@@ -230,30 +125,34 @@ def meshed_namespace(kube: Client, namespace: str) -> str:
     return namespace
 
 
+@dataclass
+class Webhook:
+    process: WebhookProcess
+    namespace: str
+
+
 @pytest.fixture
 def webhook(
     kube: Client, control_plane: ControlPlane, meshed_namespace: str, tmp_path: Path
 ) -> Iterator[Webhook]:
-    pair = make_serving_pair()
-    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
-    pair.write(cert, key)
-    kubeconfig = _grant_namespace_reads(kube, control_plane, f"{meshed_namespace}-ipnc", tmp_path)
-    proc, port = _start_webhook(cert, key, kubeconfig, tmp_path / "webhook.log")
-    config = _configuration(f"ipnc-{meshed_namespace}", port, pair.ca.pem, meshed_namespace)
+    """The real webhook under the chart's webhook ServiceAccount and RBAC, registered twice for
+    this test's namespace."""
+    kubeconfig = webhook_kubeconfig(control_plane, f"{meshed_namespace}-ipnc", tmp_path / "kubeconfig")
+    process = WebhookProcess(
+        kubeconfig, extra=[f"--waiter-image={WAITER_IMAGE}", "--namespace-cache-seconds=1"], folder=tmp_path
+    ).start()
+    config = process.configuration(
+        f"ipnc-{meshed_namespace}", [meshed_namespace], entries=("inject", "again")
+    )
     try:
         control_plane.kubectl("apply", "-f", "-", input=json.dumps(config))
         _wait_until_effective(kube, meshed_namespace)
-        yield Webhook(proc, port, meshed_namespace, tmp_path / "webhook.log")
+        yield Webhook(process, meshed_namespace)
     finally:
         control_plane.kubectl(
             "delete", "mutatingwebhookconfiguration", config["metadata"]["name"], check=False
         )
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        process.stop()
 
 
 # -- acceptance 1 ---------------------------------------------------------------------------------------
