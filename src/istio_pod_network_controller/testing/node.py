@@ -11,7 +11,9 @@ real kernel objects, so that the real agent, waiter and webhook can be run again
 * per pod a sandbox: a network namespace on the stand-in's bridge (``Netlab``; IPv4, IPv6 when
   asked) and a long-lived pause process inside it, placed in kubelet-style pod cgroups
   (``KubeletCgroups``: the v2 tree and the v1 ``pids`` tree, which impose no limits; the
-  process's other cgroups, memory included, stay as they were);
+  process's other cgroups, memory included, stay as they were -- on a hybrid machine such as the
+  ones the tests run on; where the v2 tree is the only one it also holds the memory controller,
+  and the process leaves its memory cgroup for one without limits);
 * volumes in a per-pod folder laid out as the kubelet's (``<workdir>/pods/<uid>/volumes/
   kubernetes.io~<type>/<name>``): downward API files written by the kubelet's atomic writer and
   rewritten as soon as a watched pod's labels or annotations change; projected service account
@@ -45,7 +47,18 @@ a ``StartError`` (exit 128) naming that reason and retried with back-off, so the
 a stub is ready once it listens). A ``hostNetwork`` pod runs in the stand-in's node namespace
 (not the machine's), with the node's IP. Volumes that cannot be had (a missing config map, a
 refused token) leave their files out and add a note to the pod's view instead of blocking the pod.
-No Events are written. Tokens are not refreshed.
+No Events are written. Tokens are not refreshed. Changes to a running pod's spec (a new image)
+are not acted on.
+
+**Which program runs** (``kubelet.plan``): the project's image (``Images.project`` in the image
+reference) runs the project's CLI with the container's arguments, in this interpreter, through
+``testing.launch`` (it drops to the container's UID after loading, since this machine's
+interpreter lives under ``/root``); Istio's proxy image with ``proxy ...`` runs the stub proxy
+(``testing.stubproxy --record``: 15001, 15006, 15020, 15021, 15090 and its container ports, as
+1337 by default); any other image runs its ``command`` if it has one (from the host's file
+system, as the container's UID via ``nsenter --setuid``), else the app stub: ``testing.probe``
+(driven by ``app_request``) plus, for its container ports, a ``stubproxy`` server that answers
+and records. Containers run as ``runAsUser``/``runAsGroup`` (container, then pod), else 1000.
 """
 
 from __future__ import annotations
