@@ -233,8 +233,8 @@ def wait_for_mark(
             if isinstance(found, AgentFailed):
                 raise WaitFailed(f"the node agent could not program this pod: {found.reason}", 1)
             seen = found.reason
-        if seen != last and last:
-            log(f"still waiting: {seen}")
+        if seen != last:
+            log(f"waiting: {seen}")
         last = seen
         remaining = deadline - clock()
         if remaining <= 0:
