@@ -1,6 +1,7 @@
 """Command line entry point: dispatch to one module per subcommand.
 
-Each subcommand owns its argument parser (``commands/<name>.py``, function ``main(argv)``) so
+Each subcommand owns its argument parser (``commands/<name>.py``, functions ``main(argv)`` and
+``build_parser()``, the complete parser, which ``tests/unit/test_docs_reference.py`` reads) so
 that shared flag sets (the istio-iptables flags of ``rules`` and ``apply``) are defined once, and
 so that ``init`` -- which runs in every meshed pod -- imports nothing of the agent.
 

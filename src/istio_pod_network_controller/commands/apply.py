@@ -61,7 +61,8 @@ def own_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def help_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The complete parser: our flags and the istio-iptables ones (for --help and the docs test)."""
     parser = argparse.ArgumentParser(
         prog=f"{PROG} apply",
         description="Apply and verify the redirect rules in one network namespace (root).",
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace, ruleset: Ruleset) -> dict[str, object]:
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        help_parser().print_help()
+        build_parser().print_help()
         return EXIT_OK
     try:
         args, spec = parse(argv)

@@ -22,7 +22,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="istio-pod-network-controller dev",
         description="Developer tools.",
@@ -93,7 +93,7 @@ def _cluster(kubeconfig_copy: Path | None, ready_timeout: float) -> int:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.tool == "cluster":
         return _cluster(args.kubeconfig, args.ready_timeout)
     raise AssertionError(f"unhandled tool {args.tool!r}")  # argparse rejects unknown ones
