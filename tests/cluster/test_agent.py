@@ -7,8 +7,10 @@ namespaces in kubelet-style pod cgroups (``testing.sandbox``); traffic goes thro
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -244,20 +246,41 @@ def test_no_pod_is_missed_when_the_api_server_restarts_during_creation(
     cluster: Cluster, agent: AgentProcess, control_plane: ControlPlane
 ) -> None:
     created: list[str] = []
+    failures: list[BaseException] = []
     stop = threading.Event()
 
-    def create_steadily() -> None:  # a client creating pods before, during and after the outage
-        i = 0
-        while not stop.is_set() or i < 12:
-            name = f"steady-{i}"
+    def persist(what: str, action: Callable[[], Any]) -> Any:
+        """Retry through the outage (connection refused), for up to a minute."""
+        deadline = time.monotonic() + 60
+        while True:
             try:
-                cluster.create(meshed_pod(name, cluster.node))
-            except AssertionError:  # refused while the API server is down: try again
+                return action()
+            except (AssertionError, subprocess.CalledProcessError):
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{what}: still failing after 60 s") from None
                 time.sleep(0.2)
-                continue
-            created.append(name)
-            i += 1
-            time.sleep(0.1)
+
+    def create_or_get(name: str) -> dict[str, Any]:
+        # A create the server committed but could not answer must not be made twice.
+        found = cluster.cp.kubectl("get", "pod", name, "-n", cluster.ns, "-o", "json", check=False)
+        if found.returncode == 0:
+            pod: dict[str, Any] = json.loads(found.stdout)
+            return pod
+        return cluster.create(meshed_pod(name, cluster.node), sandbox=False)
+
+    def create_steadily() -> None:  # a client creating pods before, during and after the outage
+        try:
+            i = 0
+            while not stop.is_set() or i < 12:
+                name = f"steady-{i}"
+                pod = persist(f"create {name}", functools.partial(create_or_get, name))
+                box = cluster.boxes.create(pod, report=False)
+                persist(f"report {name}'s IP", functools.partial(cluster.boxes.report_ip, pod, box))
+                created.append(name)
+                i += 1
+                time.sleep(0.1)
+        except BaseException as exc:
+            failures.append(exc)
 
     creator = threading.Thread(target=create_steadily)
     creator.start()
@@ -267,7 +290,8 @@ def test_no_pod_is_missed_when_the_api_server_restarts_during_creation(
         control_plane.restart_apiserver(down_seconds=1.0)
     finally:
         stop.set()
-        creator.join(120)
+        creator.join(180)
+    assert not failures, failures
     assert len(created) >= 12
     wait_for("every pod initialized after the API server restart", lambda: cluster.initialized(created), 120)
     assert agent.metric("ipnc_watch_restarts_total") >= 1

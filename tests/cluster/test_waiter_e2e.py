@@ -250,7 +250,7 @@ def test_a_bad_annotation_is_shown_by_the_waiter_and_fixing_it_starts_the_same_p
         )
 
     eventually("the waiter's line with the agent's reason", waiter_said_it, 30)
-    view = node.wait_for(meshed_namespace, "bad", lambda v: 1 in v.container(W).exit_codes, timeout=10)
+    view = node.wait_for(meshed_namespace, "bad", lambda v: 1 in v.container(W).exit_codes, timeout=60)
     assert view.container("hello").state == "waiting"
     assert annotations_of(api_pod(kube, meshed_namespace, "bad"))[names.STATUS] == names.STATUS_ERROR
 
