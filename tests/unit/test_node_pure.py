@@ -200,3 +200,23 @@ def test_policy_route_state_is_read_from_ip_json_and_reconciled() -> None:
         "route del local default dev lo table 133 proto 137",
     ]
     assert routes.transition(state, state) == []
+
+
+def test_proc_address_parsers_read_local_addresses_only() -> None:
+    from istio_pod_network_controller.node.netns import parse_fib_trie, parse_if_inet6
+
+    trie = """Main:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 10.244.0.0/24 2 0 2
+        |-- 10.244.0.0
+           /24 link UNICAST
+        |-- 10.244.0.7
+           /32 host LOCAL
+        |-- 10.244.0.255
+           /32 link BROADCAST
+     |-- 127.0.0.1
+        /32 host LOCAL
+"""
+    assert {str(a) for a in parse_fib_trie(trie)} == {"10.244.0.7", "127.0.0.1"}
+    inet6 = "fd000000000000000000000000000002 04 40 00 82     eth0\n00000000000000000000000000000001 01 80 10 80 lo\n"
+    assert {str(a) for a in parse_if_inet6(inet6)} == {"fd00::2", "::1"}

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LocateError, NodeError
-from .netns import IPAddress, Netns, NetnsId, netns_id_of
+from .netns import IPAddress, Netns, NetnsId, netns_id_of, proc_addresses
 
 _POD_UID = re.compile(r"^[0-9a-fA-F][0-9a-fA-F-]{7,63}$")
 
@@ -133,10 +133,16 @@ def by_pod_uid(uid: str, *, pod_ips: Iterable[str] = (), proc_root: str = "/proc
         if not ips:
             return ns
         try:
-            present = ns.addresses()
-        except NodeError:
-            ns.close()
-            continue
+            # /proc/PID/net shows PID's network namespace: read it there, or ask `ip` as a fallback.
+            present = proc_addresses(proc_root, cand.pid)
+            if ns.id != netns_id_of(f"{proc_root}/{cand.pid}/ns/net"):
+                raise OSError("PID reused")
+        except OSError:
+            try:
+                present = ns.addresses()
+            except NodeError:
+                ns.close()
+                continue
         if any(ip in present for ip in ips):
             return ns
         ns.close()

@@ -8,6 +8,7 @@ namespace is identified by its inode (a recreated sandbox has a new one).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -188,3 +189,40 @@ def parse_ip_addr_json(text: str) -> frozenset[IPAddress]:
                 except ValueError:
                     continue
     return frozenset(found)
+
+
+def parse_fib_trie(text: str) -> frozenset[IPAddress]:
+    """The local IPv4 addresses in a ``/proc/PID/net/fib_trie`` (entries marked ``/32 host LOCAL``)."""
+    found: set[IPAddress] = set()
+    last: str | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("|-- "):
+            last = stripped[4:]
+        elif stripped == "/32 host LOCAL" and last is not None:
+            with contextlib.suppress(ValueError):
+                found.add(ipaddress.IPv4Address(last))
+    return frozenset(found)
+
+
+def parse_if_inet6(text: str) -> frozenset[IPAddress]:
+    """The IPv6 addresses in a ``/proc/PID/net/if_inet6`` (32 hex digits first on each line)."""
+    found: set[IPAddress] = set()
+    for line in text.splitlines():
+        hexes = line.split()[0] if line.split() else ""
+        if len(hexes) == 32:
+            with contextlib.suppress(ValueError):
+                found.add(ipaddress.IPv6Address(int(hexes, 16)))
+    return frozenset(found)
+
+
+def proc_addresses(proc_root: str, pid: int) -> frozenset[IPAddress]:
+    """Every address of PID's network namespace, read from /proc (no process started: about
+    0.1 ms instead of ~4 ms for ``ip addr`` through nsenter). OSError if PID is gone."""
+    base = Path(proc_root) / str(pid) / "net"
+    v4 = parse_fib_trie((base / "fib_trie").read_text())
+    try:
+        v6 = parse_if_inet6((base / "if_inet6").read_text())
+    except FileNotFoundError:  # IPv6 disabled in that namespace
+        v6 = frozenset()
+    return v4 | v6
