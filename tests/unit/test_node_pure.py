@@ -218,5 +218,8 @@ def test_proc_address_parsers_read_local_addresses_only() -> None:
         /32 host LOCAL
 """
     assert {str(a) for a in parse_fib_trie(trie)} == {"10.244.0.7", "127.0.0.1"}
-    inet6 = "fd000000000000000000000000000002 04 40 00 82     eth0\n00000000000000000000000000000001 01 80 10 80 lo\n"
+    inet6 = (
+        "fd000000000000000000000000000002 04 40 00 82     eth0\n"
+        "00000000000000000000000000000001 01 80 10 80 lo\n"
+    )
     assert {str(a) for a in parse_if_inet6(inet6)} == {"fd00::2", "::1"}
