@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("init", "the waiting init container: exit 0 once the agent has programmed this pod"),
     "webhook": ("webhook", "the admission webhook: add the waiting init container, replace istio-init"),
     "apply": ("apply", "apply and verify the redirect rules in one network namespace (root, on a node)"),
+    "demo": ("demo", "the whole system on this machine (root): sample app, live progress, summary"),
     "dev": ("dev", "developer tools: 'dev cluster' runs a local etcd + kube-apiserver until Ctrl-C"),
 }
 
