@@ -114,9 +114,7 @@ def check_prerequisites() -> None:
             "the demo needs root: it creates network namespaces, cgroups and iptables rules. "
             f"Run it as root (sudo .venv/bin/{PROG} demo), after {SETUP}."
         )
-    missing = [
-        t for t in SYSTEM_TOOLS if shutil.which(t, path=f"{os.environ.get('PATH', '')}:{TOOL_PATH}") is None
-    ]
+    missing = [t for t in SYSTEM_TOOLS if not (shutil.which(t) or shutil.which(t, path=TOOL_PATH))]
     if missing:
         raise DemoError(
             f"missing system tools: {', '.join(missing)}. Run {SETUP} as root (it installs iptables, "
@@ -191,6 +189,7 @@ def _istio_proxy(service: str, namespace: str) -> dict[str, Any]:
         ("/var/run/secrets/credential-uds", "credential-socket"),
         ("/var/run/secrets/workload-spiffe-credentials", "workload-certs"),
         ("/var/run/secrets/istio", "istiod-ca-cert"),
+        ("/var/run/secrets/istio/crl", "istio-ca-crl"),
         ("/var/lib/istio/data", "istio-data"),
         ("/etc/istio/proxy", "istio-envoy"),
         ("/var/run/secrets/tokens", "istio-token"),
@@ -260,6 +259,7 @@ def _istio_volumes() -> list[dict[str, Any]]:
             },
         },
         {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
+        {"name": "istio-ca-crl", "configMap": {"name": "istio-ca-crl", "optional": True}},
     ]
 
 
@@ -396,6 +396,7 @@ class Resources:
     """What the demo created, so that a test can check it is all gone afterwards."""
 
     workdir: str = ""
+    api_server: str = ""  # kubectl keeps no cache for it under ~/.kube
     netns_prefixes: list[str] = field(default_factory=list)
     cgroup_tops: list[str] = field(default_factory=list)
     netns_inodes: list[int] = field(default_factory=list)
@@ -567,6 +568,16 @@ class Options:
     live: bool | None = None  # None: when stdout is a terminal
 
 
+def workdir_parent() -> Path:
+    """The temporary folder, if every UID can pass through it (containers run as other UIDs and
+    read their volumes below it); else /tmp."""
+    base = Path(tempfile.gettempdir()).resolve()
+    with contextlib.suppress(OSError):
+        if all(os.stat(p).st_mode & 0o001 for p in (base, *base.parents)):
+            return base
+    return Path("/tmp")
+
+
 def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
@@ -606,7 +617,7 @@ class Demo:
 
     def run(self) -> Summary:
         t0 = time.monotonic()
-        self.workdir = Path(tempfile.mkdtemp(prefix="ipnc-demo-"))
+        self.workdir = Path(tempfile.mkdtemp(prefix="ipnc-demo-", dir=workdir_parent()))
         os.chmod(self.workdir, 0o755)  # containers run as other UIDs and read their volumes below it
         self.summary.resources.workdir = str(self.workdir)
         self.stack.callback(shutil.rmtree, self.workdir, True)
@@ -655,6 +666,7 @@ class Demo:
                 self.stack.callback(self.cp.stop)
                 for pid in self.cp.pids:
                     self.summary.resources.add_pid(pid)
+                self.summary.resources.api_server = self.cp.server
                 out["text"] = f"control plane ready: etcd and kube-apiserver on {self.cp.server}"
             with self.step("rendering the chart with helm") as out:
                 self.chart_objects = chart.parse(rendering.result())
@@ -679,13 +691,22 @@ class Demo:
         args = [str(a) for a in container.get("args") or []][1:]
         return [a for a in args if a.split("=", 1)[0] not in drop]
 
+    def _apply(self, objects: Sequence[Mapping[str, Any]]) -> None:
+        """``kubectl apply`` as the admin, its discovery cache in the demo's folder (not ~/.kube)."""
+        from .testing import chart
+
+        cache = f"--cache-dir={self.workdir / 'kubectl-cache'}"
+        done = self.cp.kubectl(cache, "apply", "-f", "-", input=chart.dump(objects), check=False)
+        if done.returncode != 0:
+            raise DemoError(f"kubectl apply failed: {(done.stderr or done.stdout).strip()}")
+
     def _install_controller(self) -> None:
         from .testing import chart
 
         with self.step("applying the chart's Namespace, ServiceAccounts and RBAC") as out:
             wanted = {"Namespace"} | set(chart.RBAC_KINDS)
             objects = [o for o in self.chart_objects if o.get("kind") in wanted]
-            chart.apply(self.cp, objects)
+            self._apply(objects)
             agent_sa = self._chart_object("ServiceAccount", "-agent")["metadata"]["name"]
             webhook_sa = self._chart_object("ServiceAccount", "-webhook")["metadata"]["name"]
             deadline = time.monotonic() + 15
@@ -870,9 +891,8 @@ class Demo:
             for hook in config["webhooks"]:
                 # The chart points at its Service; here the webhook runs on loopback.
                 hook["clientConfig"] = {"url": self.webhook.url, "caBundle": bundle}
-            from .testing import chart
 
-            chart.apply(self.cp, [config])
+            self._apply([config])
             # The API server picks the configuration up asynchronously: create unscheduled probe
             # pods until one comes back mutated (no stand-in runs a pod without a node).
             deadline = time.monotonic() + 20
@@ -1267,6 +1287,8 @@ def run(options: Options) -> int:
                             if code is not None:
                                 raise DemoError(f"{name} exited with status {code}")
 
+                summary.kept = True
+                _write_json(options.json_summary, summary)  # rewritten after the teardown
                 demo.keep(wait)
         except Interrupted as exc:
             if not summary.failure and not summary.kept:

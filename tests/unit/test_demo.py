@@ -1,0 +1,85 @@
+"""The demo's pure parts: its prerequisites fail with one line naming the setup command, and its
+sample pods are shaped as istiod injects them (compared with Istio's own injected fixture), so
+that what the demo shows is what happens to a real meshed pod."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from istio_pod_network_controller import demo
+from istio_pod_network_controller.render import render
+from istio_pod_network_controller.spec import spec_from_pod
+
+NAMESPACE = {"metadata": {"name": "mesh-demo", "labels": {"istio-pod-network-controller/initialize": "true"}}}
+
+
+def _istio_hello(injected_dir: Path) -> dict[str, Any]:
+    doc = next(d for d in yaml.safe_load_all((injected_dir / "hello.yaml.injected").read_text()) if d)
+    template = doc["spec"]["template"]
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": template["metadata"], "spec": template["spec"]}
+
+
+def _container(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(c for c in pod["spec"]["initContainers"] if c["name"] == name)
+    return found
+
+
+def test_not_root_fails_with_one_line_naming_the_setup_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(demo.os, "geteuid", lambda: 1000)
+    assert demo.run(demo.Options()) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs root" in err and "./scripts/setup" in err, err
+
+
+def test_a_missing_test_binary_names_the_setup_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(demo.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(demo, "SYSTEM_TOOLS", ("ls",))
+    monkeypatch.delenv("KUBEBUILDER_ASSETS", raising=False)
+    monkeypatch.delenv("IPNC_TESTBIN_DIR", raising=False)
+    monkeypatch.setenv("IPNC_TESTBIN_CACHE", str(tmp_path))
+    assert demo.run(demo.Options()) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'etcd'" in err and "./scripts/setup" in err, err
+
+
+def test_a_missing_system_tool_names_it_and_the_setup_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(demo, "SYSTEM_TOOLS", ("ls", "ipnc-no-such-tool"))
+    expected = r"missing system tools: ipnc-no-such-tool\. Run \./scripts/setup"
+    with pytest.raises(demo.DemoError, match=expected):
+        demo.check_prerequisites()
+
+
+def test_the_sample_pod_is_shaped_as_istiod_injects_it(injected_dir: Path) -> None:
+    istio = _istio_hello(injected_dir)
+    ours = demo.sample_pod("frontend", "mesh-demo", "node-1")
+    assert [c["name"] for c in ours["spec"]["initContainers"]] == ["istio-init", "istio-proxy"]
+    for name in ("istio-init", "istio-proxy"):
+        mine, theirs = _container(ours, name), _container(istio, name)
+        assert mine["args"] == theirs["args"], name
+        assert mine["securityContext"] == theirs["securityContext"], name
+        assert mine.get("restartPolicy") == theirs.get("restartPolicy"), name
+        assert {m["mountPath"]: m["name"] for m in mine.get("volumeMounts", [])} == {
+            m["mountPath"]: m["name"] for m in theirs.get("volumeMounts", [])
+        }, name
+    assert {v["name"] for v in ours["spec"]["volumes"]} == {v["name"] for v in istio["spec"]["volumes"]}
+    assert set(istio["metadata"]["annotations"]) <= set(ours["metadata"]["annotations"])
+    assert set(istio["metadata"]["labels"]) - {"tier", "track"} <= set(ours["metadata"]["labels"])
+    # The agent builds the same redirect spec, so the same rules, from either pod.
+    assert render(spec_from_pod(ours, NAMESPACE)).sha256() == render(spec_from_pod(istio, NAMESPACE)).sha256()
+
+
+def test_only_istio_init_adds_capabilities() -> None:
+    pod = demo.sample_pod("backend", "mesh-demo", "node-2")
+    assert sorted(demo.added_capabilities(pod)) == ["NET_ADMIN", "NET_RAW"]
+    pod["spec"]["initContainers"] = [c for c in pod["spec"]["initContainers"] if c["name"] != "istio-init"]
+    assert demo.added_capabilities(pod) == []
+    assert pod["spec"]["nodeName"] == "node-2" and pod["spec"]["serviceAccountName"] == "backend"
