@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 import threading
 import time
@@ -79,6 +80,12 @@ class Metrics:
         )
 
 
+class _Server6(ThreadingHTTPServer):
+    """The same server on an IPv6 address (``::`` also accepts IPv4 on dual-stack hosts)."""
+
+    address_family = socket.AF_INET6
+
+
 class HealthServer:
     """Serves /metrics, /healthz (the loop is alive) and /readyz (first list processed)."""
 
@@ -117,7 +124,8 @@ class HealthServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(address, Handler)
+        server_class = _Server6 if ":" in address[0] else ThreadingHTTPServer
+        self.server = server_class(address, Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
         self._outer = outer

@@ -160,3 +160,12 @@ def test_workload_kinds_and_stdin(
     assert main(["rules", "--pod", "-", "--output", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) >= {"iptables", "ip6tables"} and doc["ip6tables"] == ""
+
+
+def test_out_of_range_proxy_uid_is_rejected_not_rendered() -> None:
+    from istio_pod_network_controller.spec import SpecError
+
+    p = pod()
+    p["spec"]["containers"][1]["securityContext"] = {"runAsUser": -5}
+    with pytest.raises(SpecError, match="runAsUser"):
+        spec_from_pod(p)

@@ -113,7 +113,9 @@ class Reporter:
         try:
             await self.api.merge_patch(ref.path, status_patch(ref, status, detail))
         except ApiError as exc:
-            if exc.status in (404, 409):
+            # 404: deleted. Our UID in the patch no longer matching is a 409 or, for a merge patch,
+            # a 422 on metadata.uid ("field is immutable"): the name belongs to another pod now.
+            if exc.status in (404, 409) or (exc.status == 422 and "metadata.uid" in exc.message):
                 raise PodGone(str(exc)) from None
             raise
 

@@ -8,8 +8,13 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, PROG
+
+if TYPE_CHECKING:
+    from ..node.netns import Netns
 
 log = logging.getLogger("istio_pod_network_controller.run")
 
@@ -49,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=int,
-        default=int(_env("IPNC_WORKERS", "4")),
+        type=_positive(int, "--workers"),
+        default=_env("IPNC_WORKERS", "4"),  # a string default goes through `type` too
         help="pods programmed at once (env IPNC_WORKERS; default 4)",
     )
     p.add_argument(
@@ -72,11 +77,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resync-seconds",
-        type=float,
-        default=float(_env("IPNC_RESYNC_SECONDS", "300")),
+        type=_positive(float, "--resync-seconds"),
+        default=_env("IPNC_RESYNC_SECONDS", "300"),
         help="re-check every pod this often (env IPNC_RESYNC_SECONDS; default 300)",
     )
     return p
+
+
+def _host_netns(proc_root: str) -> Netns | None:
+    """The host's network namespace (PID 1's, seen through the host's /proc), where the node's
+    own rules tell which iptables backend it uses. None when it cannot be opened: the agent's
+    own namespace is asked instead (the host's, when the agent runs with hostNetwork)."""
+    from ..node.errors import NodeError
+    from ..node.netns import Netns
+
+    try:
+        return Netns(f"{proc_root}/1/ns/net")
+    except (NodeError, OSError) as exc:
+        log.warning("cannot open the host's network namespace; detecting the backend in our own",
+                    extra={"error": str(exc)})  # fmt: skip
+        return None
+
+
+def _positive(kind: type[int] | type[float], what: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{what} must be greater than 0, got {text!r}")
+        return value
+
+    return parse
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -93,9 +126,6 @@ def main(argv: list[str]) -> int:
     setup_logging(args.log_level)
     if not args.node_name:
         print(f"{PROG} run: the node name is required (--node-name or env NODE_NAME)", file=sys.stderr)
-        return EXIT_INVALID
-    if args.workers < 1:
-        print(f"{PROG} run: --workers must be at least 1", file=sys.stderr)
         return EXIT_INVALID
     try:
         listen = parse_listen(args.listen_address)
@@ -125,7 +155,7 @@ async def _run(args: argparse.Namespace, listen: tuple[str, int]) -> int:
         excluded.append(os.environ["POD_NAMESPACE"])
     try:
         forced = None if args.iptables_backend == "auto" else Backend(args.iptables_backend)
-        tools = detect(forced=forced)
+        tools = detect(forced=forced, host=_host_netns(args.proc_root))
         api = Api.from_kubeconfig(args.kubeconfig)
     except (NodeError, ApiError, OSError, ValueError) as exc:
         log.error("cannot start", extra={"error": str(exc)})

@@ -193,10 +193,15 @@ def _from_istio_iptables_args(args: Sequence[str], *, where: str, env: Mapping[s
 
 
 def _proxy_id(proxy: Obj, pod: Obj, key: str) -> int | None:
-    for holder in (proxy, _mapping(pod.get("spec"))):
+    """The proxy container's runAsUser/runAsGroup, else the pod's; validated like any input."""
+    for where, holder in ((f"{PROXY_CONTAINER} securityContext.{key}", proxy),
+                          (f"pod securityContext.{key}", _mapping(pod.get("spec")))):  # fmt: skip
         value = _mapping(holder.get("securityContext")).get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= v.MAX_ID:
+            raise SpecError(where, value, f"must be a whole number from 0 to {v.MAX_ID}")
+        return value
     return None
 
 
