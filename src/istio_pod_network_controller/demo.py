@@ -47,9 +47,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import names
+
+if TYPE_CHECKING:  # imported when used: `--help` and the prerequisite check stay light
+    from .testing.agentproc import AgentProcess
+    from .testing.controlplane import ControlPlane
+    from .testing.node import NodeStandIn
+    from .testing.webhookproc import WebhookProcess
 
 log = logging.getLogger(__name__)
 
@@ -537,7 +543,6 @@ def pod_table(pods: Sequence[PodRecord], *, live: bool = False, wide: bool = Tru
         box=box.SIMPLE_HEAD if live else (box.ASCII2 if wide else box.SIMPLE),
         title=None if live else "Summary",
         padding=(0, 1),
-        collapse_padding=True,
     )
     # An 80-column terminal gets the essentials; the mutation is in each pod's first event line.
     headers = ["pod", "node", *(["pod IP", "mutated"] if wide else []), "rules", "apply"]
@@ -591,14 +596,28 @@ class Demo:
         self.summary = Summary()
         self.stack = contextlib.ExitStack()
         self.workdir = Path()
-        self.cp: Any = None  # testing.controlplane.ControlPlane
-        self.client: Any = None  # lightkube Client (admin)
-        self.nodes: dict[str, Any] = {}  # node name -> testing.node.NodeStandIn
-        self.agents: dict[str, Any] = {}  # node name -> testing.agentproc.AgentProcess
-        self.webhook: Any = None  # testing.webhookproc.WebhookProcess
+        self._cp: ControlPlane | None = None
+        self.client: Any = None  # lightkube Client (admin); lightkube has no type hints
+        self.nodes: dict[str, NodeStandIn] = {}
+        self.agents: dict[str, AgentProcess] = {}
+        self._webhook: WebhookProcess | None = None
+        self.agent_kubeconfig = Path()
+        self.webhook_kubeconfig = Path()
         self.chart_objects: list[dict[str, Any]] = []
         self.service_ips: dict[str, str] = {}
         self.pods: dict[str, PodRecord] = {}  # by pod name
+
+    @property
+    def cp(self) -> ControlPlane:
+        if self._cp is None:
+            raise DemoError("the control plane is not running")
+        return self._cp
+
+    @property
+    def webhook(self) -> WebhookProcess:
+        if self._webhook is None:
+            raise DemoError("the webhook is not running")
+        return self._webhook
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -662,7 +681,7 @@ class Demo:
             rendering: Future[str] = pool.submit(chart.template, CONTROLLER_NAMESPACE)
             with self.step("starting the control plane: etcd and kube-apiserver on loopback") as out:
                 messages: list[str] = []
-                self.cp = ControlPlane.start(workdir_parent=self.workdir, log=messages.append)
+                self._cp = ControlPlane.start(workdir_parent=self.workdir, log=messages.append)
                 self.stack.callback(self.cp.stop)
                 for pid in self.cp.pids:
                     self.summary.resources.add_pid(pid)
@@ -765,7 +784,7 @@ class Demo:
                 self.summary.resources.add_pid(agent.popen.pid)
             folder = self.workdir / "webhook"
             folder.mkdir()
-            self.webhook = WebhookProcess(self.webhook_kubeconfig, extra=webhook_args, folder=folder)
+            self._webhook = WebhookProcess(self.webhook_kubeconfig, extra=webhook_args, folder=folder)
             self.stack.callback(self.webhook.stop)
             for node in NODES:
                 standin = NodeStandIn(
@@ -787,7 +806,7 @@ class Demo:
             self.summary.resources.add_pid(self.webhook.popen.pid)
             for agent in self.agents.values():
                 agent.wait_ready()
-            subnets = ", ".join(f"{n} {s.lab.subnet4}" for n, s in self.nodes.items())
+            subnets = ", ".join(f"{n} {s.lab.subnet4}" for n, s in self.nodes.items() if s.lab)
             out["text"] = f"2 nodes ({subnets}), agents ready, webhook serving on {self.webhook.url}"
             out["details"] = [
                 f"agent: {PROG} run --node-name=NODE --workers={workers} {' '.join(agent_args)} "
@@ -818,7 +837,7 @@ class Demo:
                     "apiVersion": "v1",
                     "kind": "ConfigMap",
                     "metadata": {"name": "istio-ca-root-cert", "namespace": DEMO_NAMESPACE},
-                    "data": {"root-cert.pem": Path(self.cp.certs.ca_cert).read_text()},
+                    "data": {"root-cert.pem": self._ca_pem()},
                 },
             ]
             for service in SERVICES:
@@ -868,6 +887,12 @@ class Demo:
                 out["text"] = (
                     "without the controller, Istio's pod was admitted (unexpected: is PodSecurity on?)"
                 )
+
+    def _ca_pem(self) -> str:
+        certs = self.cp.certs
+        if certs is None:
+            raise DemoError("the control plane has no certificates")
+        return certs.ca_cert.read_text()
 
     def _dry_run(self, pod: dict[str, Any]) -> str:
         from lightkube import ApiError
@@ -1089,6 +1114,8 @@ class Demo:
     def _route_check(self, source_node: str, target_ip: str) -> str:
         """What the source node's network says about the target pod's IP (``ip route get``)."""
         lab = self.nodes[source_node].lab
+        if lab is None:
+            return "the node is gone"
         done = subprocess.run(  # noqa: S603 - fixed argv
             ["ip", "-n", lab.node, "route", "get", target_ip],
             capture_output=True,
@@ -1204,9 +1231,9 @@ class Demo:
         for node, agent in self.agents.items():
             with contextlib.suppress(Exception):
                 lines += [f"--- agent {node} ---", _tail(agent.logs(), 8)]
-        if self.webhook is not None:
+        if self._webhook is not None:
             with contextlib.suppress(Exception):
-                lines += ["--- webhook ---", _tail(self.webhook.logs(), 8)]
+                lines += ["--- webhook ---", _tail(self._webhook.logs(), 8)]
         with contextlib.suppress(Exception):
             lines += ["--- demo ---", _tail((self.workdir / "demo.log").read_text(), 8)]
         return lines
@@ -1299,6 +1326,8 @@ def run(options: Options) -> int:
         except Exception as exc:
             summary.ok = False
             summary.failure = str(exc) if isinstance(exc, DemoError) else f"{type(exc).__name__}: {exc}"
+            if stop.is_set():  # a terminal's Ctrl-C also stopped the agents: that is not the story
+                summary.failure = f"interrupted ({summary.failure})"
             display.close()
             summary.pods = list(demo.pods.values())
             display.fail(f"{PROG} demo failed: {summary.failure}")
