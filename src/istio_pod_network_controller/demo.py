@@ -1227,15 +1227,17 @@ class Demo:
 
     def failure_context(self) -> list[str]:
         """The last lines of the components' logs, for a failed run."""
-        lines: list[str] = []
-        for node, agent in self.agents.items():
-            with contextlib.suppress(Exception):
-                lines += [f"--- agent {node} ---", _tail(agent.logs(), 8)]
+        logs: list[tuple[str, Callable[[], str]]] = [(f"agent {n}", a.logs) for n, a in self.agents.items()]
         if self._webhook is not None:
+            logs.append(("webhook", self._webhook.logs))
+        logs.append(("demo", (self.workdir / "demo.log").read_text))
+        lines: list[str] = []
+        for name, read in logs:
+            text = ""
             with contextlib.suppress(Exception):
-                lines += ["--- webhook ---", _tail(self._webhook.logs(), 8)]
-        with contextlib.suppress(Exception):
-            lines += ["--- demo ---", _tail((self.workdir / "demo.log").read_text(), 8)]
+                text = _tail(read(), 8)
+            if text:
+                lines += [f"--- {name} ---", text]
         return lines
 
     def close(self) -> None:
