@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import re
-import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,8 @@ NAMES_SECTION = "Annotations, labels and names"
 REDIRECT_OPTIONS = frozenset(name for flag in FLAGS for name in flag.names)
 ENV_IN_HELP = re.compile(r"\benv ([A-Z][A-Z0-9_]*)")
 ENV_IN_SOURCE = re.compile(
-    r"""(?:environ\.get|environ\[|\benv\.get|\benv\[|\b_env)\(?\s*["']([A-Z][A-Z0-9_]*)["']"""
+    # a read of a variable; an assignment (``env["X"] = ...``, setting a child's environment) is not
+    r"""(?:environ\.get|environ\[|\benv\.get|\benv\[|\b_env)\(?\s*["']([A-Z][A-Z0-9_]*)["'](?!\s*\]\s*=(?!=))"""
 )
 
 
@@ -155,12 +155,9 @@ def value_paths() -> set[str]:
 def environment_variables_in_source() -> set[str]:
     """Variables read by the package (its test harness aside) and by the harness modules a
     subcommand imports (``dev cluster`` finds its binaries through ``testing.binaries``)."""
-    command_parsers()  # imports every command module
-    files = {p for p in PACKAGE.rglob("*.py") if "testing" not in p.relative_to(PACKAGE).parts}
-    for name, module in list(sys.modules.items()):
-        path = getattr(module, "__file__", None)
-        if name.startswith("istio_pod_network_controller.testing") and path:
-            files.add(Path(path))
+    # Every module, the harness included (``demo`` and ``dev cluster`` run it): the answer must
+    # not depend on which modules other tests happened to import first.
+    files = set(PACKAGE.rglob("*.py"))
     return {var for f in files for var in ENV_IN_SOURCE.findall(f.read_text())}
 
 
