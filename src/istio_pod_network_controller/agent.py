@@ -63,6 +63,12 @@ def default_locator(proc_root: str) -> Locator:
     return find
 
 
+def _version(text: str) -> int | None:
+    """A resourceVersion as a number, to tell older from newer. Kubernetes calls them opaque,
+    but with etcd they are its revision: a decimal integer. None when one is not."""
+    return int(text) if text.isdigit() else None
+
+
 def pod_ips(pod: Mapping[str, Any]) -> tuple[str, ...]:
     status = pod.get("status") or {}
     ips = [item.get("ip") for item in status.get("podIPs") or [] if isinstance(item, Mapping)]
@@ -109,6 +115,8 @@ class Agent:
         self._last_beat = time.monotonic()
         # uid -> (netns path, identity, pod IPs then) where we last found the pod's sandbox
         self._seen: dict[str, tuple[str, NetnsId, tuple[str, ...]]] = {}
+        # uid -> (netns inode, ruleset sha, resourceVersion of our patch) of the last mark we wrote
+        self._written: dict[str, tuple[int, str, int | None]] = {}
 
     # -- events -> keys ---------------------------------------------------------------------
 
@@ -129,6 +137,7 @@ class Agent:
         pod = self.pods.store.get(uid)
         if pod is None:
             self._seen.pop(uid, None)
+            self._written.pop(uid, None)
             return Outcome.DONE  # deleted meanwhile: nothing to undo, the namespace went with it
         meta = pod.get("metadata") or {}
         if meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
@@ -160,13 +169,8 @@ class Agent:
             self.metrics.errors.labels("netns_not_found").inc()
             return Outcome.RETRY
         try:
-            detail = read_detail(pod)
             self._seen[uid] = (netns.path, netns.id, pod_ips(pod))
-            if (
-                read_status(pod) == names.STATUS_INITIALIZED
-                and detail.get("netnsInode") == netns.inode
-                and detail.get("rulesetSha256") == sha
-            ):
+            if self._marked(uid, pod, netns.inode, sha):
                 return Outcome.DONE  # already programmed for this very namespace
             try:
                 result = await loop.run_in_executor(self.executor, self._apply, netns, ruleset)
@@ -188,9 +192,10 @@ class Agent:
             "node": self.config.node_name,
         }
         try:
-            await self.reporter.set_status(ref, names.STATUS_INITIALIZED, detail)
+            version = await self.reporter.set_status(ref, names.STATUS_INITIALIZED, detail)
         except PodGone:
             return Outcome.DONE
+        self._written[uid] = (result.inode, sha, _version(version))
         self.metrics.initialized.inc()
         self.metrics.apply_seconds.observe(result.milliseconds / 1000)
         log.info(
@@ -211,16 +216,31 @@ class Agent:
         )
         return Outcome.DONE
 
+    def _marked(self, uid: str, pod: Mapping[str, Any], inode: int, sha: str) -> bool:
+        """Is the pod marked initialized for this namespace and ruleset? Either its annotations
+        say so, or we wrote that mark and the pod in our cache predates our write (the watch
+        has not brought our own patch back yet): without this, every other event arriving in
+        between would program the pod again."""
+        detail = read_detail(pod)
+        if (
+            read_status(pod) == names.STATUS_INITIALIZED
+            and detail.get("netnsInode") == inode
+            and detail.get("rulesetSha256") == sha
+        ):
+            return True
+        written = self._written.get(uid)
+        if written is None or written[:2] != (inode, sha):
+            return False
+        cached = _version(str(pod.get("metadata", {}).get("resourceVersion", "")))
+        return cached is not None and written[2] is not None and cached < written[2]
+
     def _still_programmed(self, uid: str, pod: Mapping[str, Any], sha: str) -> bool:
         """True when the pod is marked initialized with this ruleset for the namespace we last
         found for it, and that namespace is still its sandbox's (one stat, no scan): the sandbox
         process still lives in the same namespace. A recreated sandbox fails this check."""
         seen = self._seen.get(uid)
-        if seen is None or read_status(pod) != names.STATUS_INITIALIZED or seen[2] != pod_ips(pod):
+        if seen is None or seen[2] != pod_ips(pod) or not self._marked(uid, pod, seen[1].inode, sha):
             return False  # a new pod IP means a new sandbox: look again
-        detail = read_detail(pod)
-        if detail.get("rulesetSha256") != sha or detail.get("netnsInode") != seen[1].inode:
-            return False
         try:
             return netns_id_of(seen[0]) == seen[1]
         except OSError:

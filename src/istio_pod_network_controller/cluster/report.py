@@ -109,9 +109,11 @@ class Reporter:
         self.api = api
         self.node = node
 
-    async def set_status(self, ref: PodRef, status: str, detail: Mapping[str, Any]) -> None:
+    async def set_status(self, ref: PodRef, status: str, detail: Mapping[str, Any]) -> str:
+        """Patch the pod; returns the resourceVersion the patch produced."""
         try:
-            await self.api.merge_patch(ref.path, status_patch(ref, status, detail))
+            patched = await self.api.merge_patch(ref.path, status_patch(ref, status, detail))
+            return str(patched.get("metadata", {}).get("resourceVersion", ""))
         except ApiError as exc:
             # 404: deleted. Our UID in the patch no longer matching is a 409 or, for a merge patch,
             # a 422 on metadata.uid ("field is immutable"): the name belongs to another pod now.
