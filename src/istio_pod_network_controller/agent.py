@@ -321,6 +321,9 @@ class Agent:
 
     async def start(self) -> None:
         """Start watching and working; returns once both stores have their first list."""
+        # The loop is alive while the first lists load, however long a large node takes: the
+        # liveness probe must not restart an agent that is still listing.
+        self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
         self._tasks.append(asyncio.create_task(self.namespaces.run(), name="namespaces"))
         await self.namespaces.synced.wait()
         self._tasks.append(asyncio.create_task(self.pods.run(), name="pods"))
@@ -332,7 +335,7 @@ class Agent:
         self._workers = [
             asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.config.workers)
         ]
-        self._tasks += [asyncio.create_task(self._resync()), asyncio.create_task(self._heartbeat())]
+        self._tasks.append(asyncio.create_task(self._resync(), name="resync"))
         log.info(
             "agent started",
             extra={
