@@ -13,7 +13,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
-from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, EXIT_OUT_OF_SCOPE, PROG
+from ..cli import EXIT_FAILURE, EXIT_OK, PROG
 from ..node import locate
 from ..node.apply import Applier
 from ..node.backend import Backend, detect
@@ -23,6 +23,7 @@ from ..render import Ruleset, render
 from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
 from ..spec.flags import add_redirect_flags
 from ..spec.manifest import ManifestError, load_object, load_pod
+from .common import spec_problem
 from .rules import spec_from_cli
 
 
@@ -137,12 +138,8 @@ def main(argv: list[str]) -> int:
         return EXIT_OK
     try:
         args, spec = parse(argv)
-    except OutOfScope as exc:
-        print(f"{PROG} apply: out of scope: {exc.reason}", file=sys.stderr)
-        return EXIT_OUT_OF_SCOPE
-    except (SpecError, ManifestError) as exc:
-        print(f"{PROG} apply: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+    except (OutOfScope, SpecError, ManifestError) as exc:
+        return spec_problem("apply", exc)
     try:
         summary = run(args, render(spec))
     except NodeError as exc:

@@ -7,23 +7,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from ..cli import EXIT_INVALID, PROG
-
-
-def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
-        return value
-
-    return parse
+from .common import positive
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,14 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--requests",
-        type=_positive(int),
+        type=positive(int),
         default=3,
         metavar="N",
         help="requests sent frontend -> backend -> database (default 3)",
     )
     p.add_argument(
         "--timeout",
-        type=_positive(float),
+        type=positive(float),
         default=60.0,
         metavar="SECONDS",
         help="how long the pods may take to start (default 60)",

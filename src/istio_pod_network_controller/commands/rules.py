@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 
-from ..cli import EXIT_INVALID, EXIT_OK, EXIT_OUT_OF_SCOPE, PROG
+from ..cli import EXIT_OK, PROG
 from ..render import Ruleset, render
 from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
 from ..spec.flags import FLAGS, add_redirect_flags, normalize_argv, spec_from_args
 from ..spec.manifest import ManifestError, load_object, load_pod
+from .common import spec_problem
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,12 +71,8 @@ def main(argv: list[str]) -> int:
         return EXIT_OK
     try:
         args, spec = spec_from_cli(argv)
-    except OutOfScope as exc:
-        print(f"{PROG} rules: out of scope: {exc.reason}", file=sys.stderr)
-        return EXIT_OUT_OF_SCOPE
-    except (SpecError, ManifestError) as exc:
-        print(f"{PROG} rules: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+    except (OutOfScope, SpecError, ManifestError) as exc:
+        return spec_problem("rules", exc)
     ruleset = render(spec)
     if args.output == "json":
         doc = {"iptables": ruleset.iptables, "ip6tables": ruleset.ip6tables, "spec": spec.to_json()}

@@ -8,10 +8,10 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, PROG
+from .common import positive
 
 if TYPE_CHECKING:
     from ..node.netns import Netns
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=_positive(int, "--workers"),
+        type=positive(int),
         default=_env("IPNC_WORKERS", "4"),  # a string default goes through `type` too
         help="pods programmed at once (env IPNC_WORKERS; default 4)",
     )
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resync-seconds",
-        type=_positive(float, "--resync-seconds"),
+        type=positive(float),
         default=_env("IPNC_RESYNC_SECONDS", "300"),
         help="re-check every pod this often (env IPNC_RESYNC_SECONDS; default 300)",
     )
@@ -97,19 +97,6 @@ def _host_netns(proc_root: str) -> Netns | None:
         log.warning("cannot open the host's network namespace; detecting the backend in our own",
                     extra={"error": str(exc)})  # fmt: skip
         return None
-
-
-def _positive(kind: type[int] | type[float], what: str) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{what} must be greater than 0, got {text!r}")
-        return value
-
-    return parse
 
 
 def parse_listen(text: str) -> tuple[str, int]:
