@@ -159,6 +159,11 @@ class Agent:
         ruleset = render(spec)
         sha = ruleset.sha256()
 
+        if not pod_ips(pod):
+            # The kubelet reports the pod's IPs once its sandbox is up. Until then the namespace
+            # cannot be checked against them, and an IPv6 address would be missed (no ip6tables
+            # rules). The status update that brings them queues the pod again.
+            return Outcome.DONE
         if self._still_programmed(uid, pod, sha):
             return Outcome.DONE  # e.g. the echo of our own status patch: no /proc scan needed
         loop = asyncio.get_running_loop()
@@ -317,6 +322,9 @@ class Agent:
             await asyncio.sleep(1)
 
     def healthy(self) -> bool:
+        """The loop ticks, and no task that should run forever (watches, workers) has ended."""
+        if any(task.done() for task in [*self._tasks, *getattr(self, "_workers", [])]):
+            return False
         return time.monotonic() - self._last_beat < 30
 
     async def start(self) -> None:

@@ -38,7 +38,9 @@ from .spec.pod import (
 DEFAULT_WAITER_UID = 65532  # the conventional "nonroot" UID of distroless images; not the proxy's
 WAITER_RESOURCES: Mapping[str, Any] = {
     "requests": {"cpu": "10m", "memory": "32Mi"},
-    "limits": {"memory": "64Mi"},
+    # A CPU limit too: a namespace whose ResourceQuota covers limits.cpu refuses any container
+    # without one (istio-init, which the waiter replaces, had one as well).
+    "limits": {"cpu": "100m", "memory": "64Mi"},
 }
 # istio-iptables reads these environment variables as defaults of these flags.
 ENV_FLAGS = ((ENV_DNS_CAPTURE, "--redirect-dns"), (ENV_INVALID_DROP, "--drop-invalid"))

@@ -81,7 +81,8 @@ class Metrics:
 
 
 class _Server6(ThreadingHTTPServer):
-    """The same server on an IPv6 address (``::`` also accepts IPv4 on dual-stack hosts)."""
+    """The same server on an IPv6 address; on ``::`` it takes IPv4 too (Linux maps it in unless
+    net.ipv6.bindv6only is set), so one port serves IPv4, IPv6 and dual-stack clusters."""
 
     address_family = socket.AF_INET6
 
@@ -124,8 +125,16 @@ class HealthServer:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
-        server_class = _Server6 if ":" in address[0] else ThreadingHTTPServer
-        self.server = server_class(address, Handler)
+        if ":" in address[0]:
+            try:
+                self.server: ThreadingHTTPServer = _Server6(address, Handler)
+            except OSError:
+                if address[0] != "::":
+                    raise
+                # A host with IPv6 switched off: "any address" falls back to IPv4's.
+                self.server = ThreadingHTTPServer(("0.0.0.0", address[1]), Handler)
+        else:
+            self.server = ThreadingHTTPServer(address, Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
         self._outer = outer

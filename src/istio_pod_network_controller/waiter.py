@@ -20,6 +20,7 @@ Nothing here writes a file. Every outcome is one line, and an exit status (see `
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import os
@@ -117,7 +118,12 @@ def observe(annotations: Mapping[str, str], netns_inode: int) -> Observation:
             return Waiting(f"{names.STATUS} is {status!r} for network namespace {inode}, an earlier sandbox")
         reason = detail.get("error")
         text = reason if isinstance(reason, str) and reason.strip() else "(the agent gave no reason)"
-        return AgentFailed(" ".join(text.split()))  # one line, whatever the annotation holds
+        text = " ".join(text.split())  # one line, whatever the annotation holds
+        if detail.get("reason") == "ApplyFailed":
+            # The agent retries these itself (a namespace not ready, a busy lock): failing now
+            # would fail a restartPolicy Never pod for good, or cost the kubelet's back-off.
+            return Waiting(f"the node agent is retrying: {text}")
+        return AgentFailed(text)
     return Waiting(f"{names.STATUS} is {status[:80]!r}, not {names.STATUS_INITIALIZED!r}")
 
 
@@ -341,6 +347,10 @@ def prove_redirect(probe: Probe, *, timeout: float = DEFAULT_VERIFY_TIMEOUT) -> 
             try:
                 client.connect((probe.address, probe.port))
             except OSError as exc:
+                if exc.errno == errno.ENETUNREACH:
+                    # No IPv4 route at all: an IPv6-only pod. The kernel refuses before netfilter
+                    # sees the packet, so this proves nothing either way (the check is IPv4).
+                    return f"redirect check skipped: no IPv4 route to {target} in this pod (IPv6-only?)"
                 raise WaitFailed(
                     f"redirect check failed: connecting to {target} did not reach the local listener on "
                     f"port {probe.proxy_port} ({exc.strerror or exc}): outbound traffic is not redirected",

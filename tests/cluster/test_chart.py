@@ -207,7 +207,7 @@ def test_applied_agent_daemonset(applied: dict[str, list[dict[str, Any]]]) -> No
             "--iptables-backend=auto",
             "--workers=4",
             f"--excluded-namespaces=kube-system,{RELEASE_NS}",
-            "--listen-address=0.0.0.0:15300",
+            "--listen-address=[::]:15300",
             "--log-level=info",
         ]
         (port,) = container["ports"]
@@ -841,7 +841,7 @@ def test_rendered_command_lines_parse_with_the_real_parsers(distribution: str) -
         parsed = module.build_parser().parse_args(container["args"][1:])
         if subcommand == "run":
             assert parsed.proc_root == "/host/proc"
-            assert parsed.listen_address == "0.0.0.0:15300"
+            assert parsed.listen_address == "[::]:15300"
             assert parsed.excluded_namespaces == f"kube-system,{RELEASE_NS}"
         else:
             assert parsed.port == 9443
@@ -891,7 +891,7 @@ def test_tuned_values_reach_the_pods() -> None:
     assert agent["image"] == "registry.example/ipnc:1.2.3"
     assert "--iptables-backend=legacy" in agent["args"]
     assert "--workers=8" in agent["args"]
-    assert "--listen-address=0.0.0.0:19090" in agent["args"]
+    assert "--listen-address=[::]:19090" in agent["args"]
     assert "--log-level=debug" in agent["args"]
     assert f"--excluded-namespaces=kube-system,batch,{RELEASE_NS}" in agent["args"]
     webhook = one(objects, "Deployment")

@@ -93,6 +93,13 @@ def test_an_error_for_an_earlier_sandbox_keeps_waiting() -> None:
     assert isinstance(observe(marked("error", error="boom", netnsInode=INODE), INODE), AgentFailed)
 
 
+def test_an_apply_failure_the_agent_retries_keeps_the_waiter_waiting() -> None:
+    found = observe(marked("error", error="restore: busy", reason="ApplyFailed", netnsInode=INODE), INODE)
+    assert isinstance(found, Waiting) and "retrying: restore: busy" in found.reason
+    bad = marked("error", error="bad annotation", reason="InvalidConfiguration", netnsInode=INODE)
+    assert observe(bad, INODE) == AgentFailed("bad annotation")
+
+
 # -- waiting ------------------------------------------------------------------------------------
 
 

@@ -95,7 +95,7 @@ class Reflector:
                 log.info("%s watch expired, listing again", self.kind, extra={"reason": exc.message})
                 self.on_restart("gone")
                 must_list = True
-            except (ApiError, ValueError, KeyError) as exc:
+            except Exception as exc:  # any failure of one attempt: log, back off, go on watching
                 failures += 1
                 delay = min(self.backoff_max_s, 0.2 * 2 ** min(failures, 8)) * (0.5 + random.random() / 2)
                 log.warning(

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("istio_pod_network_controller.run")
 
-DEFAULT_LISTEN = "0.0.0.0:15300"
+DEFAULT_LISTEN = "[::]:15300"  # every address, IPv6 and IPv4 (IPv4 only where IPv6 is off)
 
 
 def _env(name: str, default: str) -> str:
@@ -142,7 +142,12 @@ async def _run(args: argparse.Namespace, listen: tuple[str, int]) -> int:
         excluded.append(os.environ["POD_NAMESPACE"])
     try:
         forced = None if args.iptables_backend == "auto" else Backend(args.iptables_backend)
-        tools = detect(forced=forced, host=_host_netns(args.proc_root))
+        host = _host_netns(args.proc_root)
+        try:
+            tools = detect(forced=forced, host=host)
+        finally:
+            if host is not None:
+                host.close()
         api = Api.from_kubeconfig(args.kubeconfig)
     except (NodeError, ApiError, OSError, ValueError) as exc:
         log.error("cannot start", extra={"error": str(exc)})

@@ -76,6 +76,7 @@ class Netns:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = str(path)
+        self._nsenter = tool("nsenter")  # before opening: a missing tool must not leak the fd
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -99,7 +100,6 @@ class Netns:
             raise
         self._fd: int | None = fd
         self.id = NetnsId(st.st_dev, st.st_ino)
-        self._nsenter = tool("nsenter")
 
     @property
     def inode(self) -> int:
