@@ -392,3 +392,10 @@ def test_any_pod_gets_an_answer_and_a_patch_that_applies_once(pod: dict[str, Any
             assert init_names(after)[0] == names.WAITER_CONTAINER
         assert "istio-init" not in init_names(after)
         assert mutate_pod(after, None, SETTINGS) == Unchanged(f"already has {names.WAITER_CONTAINER}")
+
+
+def test_the_waiter_has_cpu_and_memory_limits_so_quotas_on_limits_admit_it() -> None:
+    from istio_pod_network_controller.inject import WAITER_RESOURCES
+
+    assert set(WAITER_RESOURCES["limits"]) >= {"cpu", "memory"}
+    assert set(WAITER_RESOURCES["requests"]) >= {"cpu", "memory"}
