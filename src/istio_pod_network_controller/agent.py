@@ -195,6 +195,10 @@ class Agent:
             "rules": result.rules,
             "applyMs": round(result.milliseconds, 2),
             "node": self.config.node_name,
+            # For the waiter's --verify: which users the rules leave alone (it cannot see the
+            # proxy's securityContext or the namespace the agent took them from).
+            "proxyUids": list(spec.proxy_uids),
+            "proxyGids": list(spec.proxy_gids),
         }
         try:
             version = await self.reporter.set_status(ref, names.STATUS_INITIALIZED, detail)

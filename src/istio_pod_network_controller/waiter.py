@@ -20,6 +20,7 @@ Nothing here writes a file. Every outcome is one line, and an exit status (see `
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import json
@@ -277,6 +278,21 @@ def spec_from_annotations(annotations: Mapping[str, str]) -> RedirectSpec:
     return spec_from_pod(pod)
 
 
+def _with_agents_ids(spec: RedirectSpec, detail: Mapping[str, Any]) -> RedirectSpec:
+    """The proxy UIDs/GIDs the agent actually used (it reads the proxy's securityContext and the
+    namespace, which the annotations file does not show); the spec's own when it did not say."""
+
+    def ids(key: str, fallback: tuple[int, ...]) -> tuple[int, ...]:
+        value = detail.get(key)
+        if isinstance(value, list) and value and all(type(v) is int and v >= 0 for v in value):
+            return tuple(value)
+        return fallback
+
+    return dataclasses.replace(
+        spec, proxy_uids=ids("proxyUids", spec.proxy_uids), proxy_gids=ids("proxyGids", spec.proxy_gids)
+    )
+
+
 def _captures(spec: RedirectSpec, address: ipaddress.IPv4Address, port: int, gid: int) -> bool:
     """Whether the rendered IPv4 nat OUTPUT rules send a TCP connection from this process to
     ``address:port`` to the proxy port; follows ``render.iptables`` rule order."""
@@ -435,7 +451,7 @@ def run(
     if not options.verify:
         return 0, line
     try:
-        spec = spec_from_annotations(annotations)
+        spec = _with_agents_ids(spec_from_annotations(annotations), mark.detail)
     except (SpecError, OutOfScope) as exc:
         log(f"redirect check skipped: the pod's traffic settings cannot be read from its annotations: {exc}")
         return 0, line + "; redirect check skipped"

@@ -344,3 +344,13 @@ def test_verify_with_unreadable_traffic_settings_is_skipped(tmp_path: Path) -> N
     code, _ = run(Options(file=str(path), timeout=5, verify=True), log=logged.append)
     assert code == 0
     assert any("cannot be read from its annotations" in entry for entry in logged)
+
+
+def test_verify_uses_the_proxy_ids_the_agent_applied() -> None:
+    from istio_pod_network_controller.waiter import Skip, _with_agents_ids, plan_verify, spec_from_annotations
+
+    spec = spec_from_annotations({})  # CNI defaults: proxy 1337, as far as the annotations tell
+    applied = _with_agents_ids(spec, {"proxyUids": [1000620000], "proxyGids": [1337]})
+    assert applied.proxy_uids == (1000620000,)
+    assert isinstance(plan_verify(applied, uid=1000620000, gid=0), Skip)  # the waiter is the proxy's UID
+    assert _with_agents_ids(spec, {"proxyUids": ["x"]}) == spec  # malformed: ignored
