@@ -17,7 +17,7 @@ import subprocess
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..render.ruleset import Ruleset
@@ -301,12 +301,14 @@ class Applier:
         # no old IPv6 rule of ours to remove.
         texts = {f.family: tables.create_transaction(f.desired) for f in fams}
         fams = [f for f in fams if texts[f.family]]
-        running = [ns.start(self.tools.restore_argv(f.family), stdin=texts[f.family]) for f in fams]
-        passthrough = (
-            ns.start([tool("ip"), "-6", "addr", "add", routes.PASSTHROUGH_V6, "dev", "lo"])
-            if ruleset.ipv6_passthrough_address
-            else None
-        )
+        commands: list[tuple[Sequence[str], str | None]] = [
+            (self.tools.restore_argv(f.family), texts[f.family]) for f in fams
+        ]
+        if ruleset.ipv6_passthrough_address:
+            commands.append(([tool("ip"), "-6", "addr", "add", routes.PASSTHROUGH_V6, "dev", "lo"], None))
+        started = ns.start_all(commands)
+        running = started[: len(fams)]
+        passthrough = started[len(fams)] if ruleset.ipv6_passthrough_address else None
         results = [r.wait() for r in running]
         fallback = False
         for fam, done in zip(fams, results, strict=True):
@@ -355,7 +357,7 @@ class Applier:
         return found
 
     def _saves(self, ns: Netns, fams: list[_Family]) -> list[Completed]:
-        running = [ns.start(self.tools.save_argv(f.family)) for f in fams]
+        running = ns.start_all([(self.tools.save_argv(f.family), None) for f in fams])
         return [r.wait() for r in running]
 
     def _restore(self, ns: Netns, pending: list[_Family]) -> None:
@@ -363,11 +365,13 @@ class Applier:
         for fam in pending:
             assert fam.now is not None
             texts.append(tables.replace_transaction(fam.now, fam.desired))
-        running = [
-            ns.start(self.tools.restore_argv(f.family), stdin=text)
-            for f, text in zip(pending, texts, strict=True)
-            if text
-        ]
+        running = ns.start_all(
+            [
+                (self.tools.restore_argv(f.family), text)
+                for f, text in zip(pending, texts, strict=True)
+                if text
+            ]
+        )
         results = [r.wait() for r in running]
         for fam in pending:
             fam.written = True  # may be partly committed even on failure: roll back to be sure

@@ -139,15 +139,31 @@ class Netns:
     def start(self, command: Sequence[str], *, stdin: str | None = None) -> Running:
         """Start a command inside the namespace; ``Running.wait()`` collects it."""
         fd = self.fileno()
-        proc = subprocess.Popen(  # noqa: S603 -- argv list, values validated by the callers
-            self.argv(command),
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(fd,),
-            text=True,
-        )
+        try:
+            proc = subprocess.Popen(  # noqa: S603 -- argv list, values validated by the callers
+                self.argv(command),
+                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(fd,),
+                text=True,
+            )
+        except OSError as exc:  # EAGAIN under a pids limit, ENOMEM: a step failure like any other
+            raise NodeError("start", f"cannot start {Path(command[0]).name}: {exc.strerror or exc}") from None
         return Running(tuple(command), proc, stdin)
+
+    def start_all(self, commands: Sequence[tuple[Sequence[str], str | None]]) -> list[Running]:
+        """Start several commands (argv, stdin) to run side by side; if one cannot be started,
+        the ones already running are killed and reaped before the error goes up."""
+        started: list[Running] = []
+        try:
+            for command, stdin in commands:
+                started.append(self.start(command, stdin=stdin))
+        except BaseException:
+            for running in started:
+                running.kill()
+            raise
+        return started
 
     def run(
         self, command: Sequence[str], *, stdin: str | None = None, timeout: float = DEFAULT_TIMEOUT
@@ -167,6 +183,11 @@ class Running:
 
     def __init__(self, argv: tuple[str, ...], proc: subprocess.Popen[str], stdin: str | None) -> None:
         self.argv, self._proc, self._stdin = argv, proc, stdin
+
+    def kill(self) -> None:
+        """Stop it without waiting for its answer, and reap it."""
+        self._proc.kill()
+        self._proc.communicate()
 
     def wait(self, timeout: float = DEFAULT_TIMEOUT) -> Completed:
         try:
