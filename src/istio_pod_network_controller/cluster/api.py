@@ -58,15 +58,19 @@ class Api:
     async def close(self) -> None:
         await self.client.aclose()
 
-    async def get(self, path: str, params: Mapping[str, str] | None = None) -> JSON:
+    async def _call(self, method: str, path: str, ok: tuple[int, ...], **kwargs: Any) -> JSON:
+        """One request; the JSON answer, or ApiError (status 0 when the server was not reached)."""
         try:
-            response = await self.client.get(path, params=dict(params or {}))
+            response = await self.client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise ApiError(0, f"GET {path}: {exc!r}") from exc
-        if response.status_code != 200:
+            raise ApiError(0, f"{method} {path}: {exc!r}") from exc
+        if response.status_code not in ok:
             raise _error(response)
         body: JSON = response.json()
         return body
+
+    async def get(self, path: str, params: Mapping[str, str] | None = None) -> JSON:
+        return await self._call("GET", path, (200,), params=dict(params or {}))
 
     async def watch(
         self, path: str, params: Mapping[str, str], *, idle_timeout: float
@@ -86,23 +90,8 @@ class Api:
             raise ApiError(0, f"watch {path}: {exc!r}") from exc
 
     async def merge_patch(self, path: str, body: Mapping[str, Any]) -> JSON:
-        try:
-            response = await self.client.patch(
-                path, content=json.dumps(body), headers={"Content-Type": "application/merge-patch+json"}
-            )
-        except httpx.HTTPError as exc:
-            raise ApiError(0, f"PATCH {path}: {exc!r}") from exc
-        if response.status_code != 200:
-            raise _error(response)
-        result: JSON = response.json()
-        return result
+        headers = {"Content-Type": "application/merge-patch+json"}
+        return await self._call("PATCH", path, (200,), content=json.dumps(body), headers=headers)
 
     async def create(self, path: str, body: Mapping[str, Any]) -> JSON:
-        try:
-            response = await self.client.post(path, json=dict(body))
-        except httpx.HTTPError as exc:
-            raise ApiError(0, f"POST {path}: {exc!r}") from exc
-        if response.status_code not in (200, 201):
-            raise _error(response)
-        result: JSON = response.json()
-        return result
+        return await self._call("POST", path, (200, 201), json=dict(body))
