@@ -10,20 +10,19 @@ missed, and falls back to polling every 50 ms where inotify cannot be had.
 
 ``--verify`` proves what the mark claims, as linkerd's network-validator does: it listens on the
 proxy's outbound port, connects to a TEST-NET address that the pod's rules capture, and requires
-the random token its own listener sends, plus the original destination the kernel recorded. Which
-address the rules capture is decided from the same spec the agent builds, read from the pod's
-annotations (the webhook's copy of istio-init's args, or the traffic annotations); when the rules
-would not capture any candidate, the check is skipped and says why.
+the random token its own listener sends, plus the original destination the kernel recorded. It
+takes the probe only from the agent's plan in the mark's detail (``verify``, see ``probe``):
+nothing the pod can write (traffic annotations, the webhook's copy of istio-init's args) decides
+whether or how it checks. A plan made for other IDs than this process runs as, a plan that
+says skip, or none at all is logged with its reason and passes without the check (the agent has
+read the rules back from the kernel); only a successful probe is reported as a proven redirect.
 
 Nothing here writes a file. Every outcome is one line, and an exit status (see ``cli``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import ipaddress
-import json
 import os
 import secrets
 import socket
@@ -34,19 +33,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import names
+from .bounded import BoundedJsonError, loads_bounded
 from .podinfo import PodinfoFormatError, read_annotations
-from .spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
-from .spec.pod import PROXY_CONTAINER
+from .probe import VERIFY_KEY, PlanError, Probe, Skip, check_for, read_plan
 
 DEFAULT_TIMEOUT = 300.0
 POLL_INTERVAL = 0.05  # without inotify
 RESCAN_INTERVAL = 1.0  # with inotify: re-read anyway, in case an event was missed
 NETNS_PATH = "/proc/self/ns/net"
 
-# Reserved documentation addresses (RFC 5737): nothing real answers there, and a pod's rules
-# capture them whenever they capture "everything outside the cluster".
-VERIFY_ADDRESSES = ("192.0.2.1", "198.51.100.1", "203.0.113.1")
-VERIFY_PORTS = (80, 8080, 443)
+MAX_DETAIL_BYTES = 64 * 1024  # the agent's detail is a few hundred bytes
 DEFAULT_VERIFY_TIMEOUT = 5.0
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 TOKEN_BYTES = 16
@@ -80,9 +76,9 @@ def _detail(annotations: Mapping[str, str]) -> tuple[dict[str, Any] | None, str]
     if raw is None:
         return None, f"{names.DETAIL} is absent"
     try:
-        detail = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        return None, f"{names.DETAIL} is not JSON ({exc.msg})"
+        detail = loads_bounded(raw, max_bytes=MAX_DETAIL_BYTES, what=names.DETAIL)
+    except BoundedJsonError as exc:
+        return None, str(exc)
     if not isinstance(detail, dict):
         return None, f"{names.DETAIL} is not a JSON object"
     return detail, ""
@@ -256,87 +252,6 @@ def wait_for_mark(
 # -- proving the redirect --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Probe:
-    address: str
-    port: int
-    proxy_port: int
-
-
-@dataclass(frozen=True, slots=True)
-class Skip:
-    reason: str
-
-
-def spec_from_annotations(annotations: Mapping[str, str]) -> RedirectSpec:
-    """The agent's spec as far as the annotations tell it (the webhook's copy of istio-init's args,
-    or the traffic annotations with the proxy's defaults). Raises SpecError or OutOfScope."""
-    pod = {
-        "metadata": {"annotations": dict(annotations)},
-        "spec": {"containers": [{"name": PROXY_CONTAINER}]},
-    }
-    return spec_from_pod(pod)
-
-
-def _with_agents_ids(spec: RedirectSpec, detail: Mapping[str, Any]) -> RedirectSpec:
-    """The proxy UIDs/GIDs the agent actually used (it reads the proxy's securityContext and the
-    namespace, which the annotations file does not show); the spec's own when it did not say."""
-
-    def ids(key: str, fallback: tuple[int, ...]) -> tuple[int, ...]:
-        value = detail.get(key)
-        if isinstance(value, list) and value and all(type(v) is int and v >= 0 for v in value):
-            return tuple(value)
-        return fallback
-
-    return dataclasses.replace(
-        spec, proxy_uids=ids("proxyUids", spec.proxy_uids), proxy_gids=ids("proxyGids", spec.proxy_gids)
-    )
-
-
-def _captures(spec: RedirectSpec, address: ipaddress.IPv4Address, port: int, gid: int) -> bool:
-    """Whether the rendered IPv4 nat OUTPUT rules send a TCP connection from this process to
-    ``address:port`` to the proxy port; follows ``render.iptables`` rule order."""
-    if port in spec.outbound_ports_exclude:
-        return False
-    groups = spec.owner_groups
-    if groups.except_ and str(gid) in groups.values:
-        return False
-    if not groups.except_ and str(gid) not in groups.values:
-        return False
-    if address in spec.host_ipv4_loopback_cidr.interface.network:
-        return False
-    if any(c.version == 4 and address in c.interface.network for c in spec.outbound_cidrs_exclude):
-        return False
-    if port in spec.outbound_ports_include:
-        return True
-    if spec.outbound_cidrs.wildcard:
-        return True
-    return any(c.version == 4 and address in c.interface.network for c in spec.outbound_cidrs.cidrs)
-
-
-def plan_verify(spec: RedirectSpec, *, uid: int, gid: int) -> Probe | Skip:
-    """Which connection proves the redirect for this spec, or why none can."""
-    if uid in spec.proxy_uids or gid in spec.proxy_gids:
-        return Skip(f"this container runs as UID {uid} / GID {gid}, the proxy's: never captured")
-    if spec.exclude_interfaces:
-        return Skip(
-            "the rules exclude interfaces " + ",".join(spec.exclude_interfaces)
-            + ": which one a test connection leaves by cannot be told from here"
-        )  # fmt: skip
-    named = [g for g in spec.owner_groups.values if not g.isdigit()]
-    if named:
-        return Skip(f"the rules select owner groups by name ({','.join(named)}): not resolvable here")
-    for text in VERIFY_ADDRESSES:
-        address = ipaddress.IPv4Address(text)
-        for port in VERIFY_PORTS:
-            if _captures(spec, address, port, gid):
-                return Probe(text, port, spec.proxy_port)
-    return Skip(
-        "the pod's outbound capture covers none of "
-        + ", ".join(f"{a}:{p}" for a in VERIFY_ADDRESSES for p in VERIFY_PORTS)
-    )
-
-
 def _original_dst(conn: socket.socket) -> tuple[str, int]:
     raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed = struct.unpack_from("!2xH4s", raw)
@@ -439,9 +354,7 @@ def run(
     own_watcher = watcher is None
     active = watcher or make_watcher(options.file, log=log)
     try:
-        mark, annotations = wait_for_mark(
-            options.file, inode=inode, timeout=options.timeout, watcher=active, log=log
-        )
+        mark, _ = wait_for_mark(options.file, inode=inode, timeout=options.timeout, watcher=active, log=log)
     except WaitFailed as exc:
         return exc.exit_code, str(exc)
     finally:
@@ -450,20 +363,30 @@ def run(
     line = f"pod initialized for network namespace {inode}" + _applied(mark.detail)
     if not options.verify:
         return 0, line
+    check = planned_check(mark.detail, uid=os.getuid() if uid is None else uid,
+                          gid=os.getgid() if gid is None else gid)  # fmt: skip
+    if isinstance(check, Skip):
+        log(f"redirect check skipped: {check.reason}; relying on the agent's read-back of the rules")
+        return 0, line + "; redirect check skipped (relying on the agent's read-back of the rules)"
     try:
-        spec = _with_agents_ids(spec_from_annotations(annotations), mark.detail)
-    except (SpecError, OutOfScope) as exc:
-        log(f"redirect check skipped: the pod's traffic settings cannot be read from its annotations: {exc}")
-        return 0, line + "; redirect check skipped"
-    plan = plan_verify(spec, uid=os.getuid() if uid is None else uid, gid=os.getgid() if gid is None else gid)
-    if isinstance(plan, Skip):
-        log(f"redirect check skipped: {plan.reason}")
-        return 0, line + "; redirect check skipped"
-    try:
-        proof = prove_redirect(plan, timeout=options.verify_timeout)
+        proof = prove_redirect(check, timeout=options.verify_timeout)
     except WaitFailed as exc:
         return exc.exit_code, str(exc)
     return 0, f"{line}; {proof}"
+
+
+def planned_check(detail: Mapping[str, Any], *, uid: int, gid: int) -> Probe | Skip:
+    """The probe the agent planned in its detail for a waiter running as ``uid``/``gid``, or why
+    there is none. Reads nothing but ``detail["verify"]``."""
+    if VERIFY_KEY not in detail:
+        return Skip(
+            f"the agent's mark has no probe plan ({names.DETAIL} has no {VERIFY_KEY!r}; an older agent?)"
+        )
+    try:
+        plan = read_plan(detail[VERIFY_KEY])
+    except PlanError as exc:
+        return Skip(f"the agent's probe plan is not usable: {exc}")
+    return check_for(plan, uid=uid, gid=gid)
 
 
 def _applied(detail: Mapping[str, Any]) -> str:

@@ -1,5 +1,5 @@
 """The waiting init container: which marks count, how fast it notices them, what it says on exit,
-and which connection it would use to prove the redirect."""
+and how it proves the redirect from the agent's plan alone."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from istio_pod_network_controller import names
-from istio_pod_network_controller.spec import parse_flags
+from istio_pod_network_controller.probe import Probe, Skip, plan_verify, probe_plan, waiter_ids
+from istio_pod_network_controller.spec import parse_flags, spec_from_pod
 from istio_pod_network_controller.testing import as_pod
 from istio_pod_network_controller.testing.podinfo_volume import write_podinfo
 from istio_pod_network_controller.waiter import (
@@ -24,15 +25,12 @@ from istio_pod_network_controller.waiter import (
     Initialized,
     Options,
     PollingWatcher,
-    Probe,
-    Skip,
     WaitFailed,
     Waiting,
     netns_inode,
     observe,
-    plan_verify,
+    planned_check,
     run,
-    spec_from_annotations,
     wait_for_mark,
 )
 
@@ -312,45 +310,234 @@ def test_excluded_interfaces_skip_the_check() -> None:
     assert isinstance(plan_verify(spec("-c", "eth1"), uid=1, gid=1), Skip)
 
 
-def test_the_spec_comes_from_the_webhooks_copy_of_istio_init_args() -> None:
-    annotations = {names.IPTABLES_ARGS: json.dumps([*SIDECAR, "-i", "10.0.0.0/8"])}
-    assert isinstance(plan_verify(spec_from_annotations(annotations), uid=1, gid=1), Skip)
+def test_a_plan_names_the_probe_and_the_ids_it_was_made_for() -> None:
+    plan = probe_plan(spec("-p", "16001"), uid=65532, gid=65532)
+    assert plan == {"uid": 65532, "gid": 65532, "address": "192.0.2.1", "port": 80, "proxyPort": 16001}
+    assert json.loads(json.dumps(plan)) == plan
 
 
-def test_or_from_the_traffic_annotations() -> None:
-    annotations = {"traffic.sidecar.istio.io/excludeOutboundIPRanges": "192.0.2.1/32"}
-    found = plan_verify(spec_from_annotations(annotations), uid=1, gid=1)
-    assert found == Probe("198.51.100.1", 80, 15001)
+def test_a_plan_for_a_waiter_running_as_the_proxy_says_it_is_a_misconfiguration() -> None:
+    plan = probe_plan(spec(), uid=1337, gid=65532)
+    assert set(plan) == {"uid", "gid", "skip"}
+    assert plan["skip"].startswith("misconfiguration: the waiter runs as UID 1337 / GID 65532")
+    assert "proxy's UIDs 1337" in plan["skip"]
 
 
-def test_verify_is_skipped_with_a_log_line_when_capture_does_not_cover_it(tmp_path: Path) -> None:
-    annotations = marked("initialized", netnsInode=netns_inode())
-    annotations[names.IPTABLES_ARGS] = json.dumps([*SIDECAR, "-i", "10.0.0.0/8"])
-    path = write_podinfo(tmp_path, annotations)
-    logged: list[str] = []
-    code, line = run(Options(file=str(path), timeout=5, verify=True), log=logged.append, uid=65532, gid=65532)
-    assert code == 0
-    assert line.endswith("; redirect check skipped")
-    assert any(
-        entry.startswith("redirect check skipped: the pod's outbound capture covers none") for entry in logged
+@pytest.mark.parametrize(("uid", "gid", "unknown"), [(None, 1, "runAsUser"), (1, None, "runAsGroup"),
+                                                      (None, None, "runAsUser and runAsGroup")])  # fmt: skip
+def test_a_plan_for_unknown_ids_is_a_skip_that_says_which(
+    uid: int | None, gid: int | None, unknown: str
+) -> None:
+    plan = probe_plan(spec(), uid=uid, gid=gid)
+    assert plan == {
+        "uid": uid,
+        "gid": gid,
+        "skip": f"the pod spec does not give the waiter's {unknown}, so whether the rules capture its "
+        "connections cannot be told",
+    }
+
+
+def test_the_plan_follows_the_spec_the_agent_builds_from_traffic_annotations() -> None:
+    pod = {
+        "metadata": {"annotations": {"traffic.sidecar.istio.io/excludeOutboundIPRanges": "192.0.2.1/32"}},
+        "spec": {"containers": [{"name": "istio-proxy"}]},
+    }
+    plan = probe_plan(spec_from_pod(pod), uid=65532, gid=65532)
+    assert (plan["address"], plan["port"]) == ("198.51.100.1", 80)
+
+
+def _with_waiter(
+    security: dict[str, Any] | None, pod_security: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    waiter: dict[str, Any] = {"name": names.WAITER_CONTAINER}
+    if security is not None:
+        waiter["securityContext"] = security
+    pod: dict[str, Any] = {"spec": {"initContainers": [{"name": "other", "securityContext": {"runAsUser": 7}},
+                                                       waiter]}}  # fmt: skip
+    if pod_security is not None:
+        pod["spec"]["securityContext"] = pod_security
+    return pod
+
+
+def test_waiter_ids_are_its_containers_then_the_pods() -> None:
+    assert waiter_ids(_with_waiter({"runAsUser": 65532, "runAsGroup": 65533})) == (65532, 65533)
+    assert waiter_ids(_with_waiter({"runAsUser": 5}, {"runAsUser": 6, "runAsGroup": 8})) == (5, 8)
+    assert waiter_ids(_with_waiter(None, {"runAsUser": 6})) == (6, None)  # the GID is the image's
+    assert waiter_ids(_with_waiter({})) == (None, None)
+    assert waiter_ids({"spec": {"initContainers": [{"name": "app"}]}}) == (None, None)
+    assert waiter_ids({"spec": "garbage"}) == (None, None)
+
+
+@pytest.mark.parametrize("bad", [True, -1, "65532", 2**32 - 1, 1.5])
+def test_waiter_ids_that_are_not_ids_are_unknown(bad: Any) -> None:
+    assert waiter_ids(_with_waiter({"runAsUser": bad, "runAsGroup": bad}, {"runAsUser": 9})) == (None, None)
+
+
+# -- the waiter follows the agent's plan, and nothing the pod wrote ------------------------------
+
+PLAN = {"uid": 65532, "gid": 65532, "address": "192.0.2.1", "port": 80, "proxyPort": 15001}
+
+
+def test_a_plan_for_our_ids_is_probed() -> None:
+    assert planned_check({"verify": PLAN}, uid=65532, gid=65532) == Probe("192.0.2.1", 80, 15001)
+
+
+def test_a_plan_for_other_ids_is_not_probed_and_says_so() -> None:
+    found = planned_check({"verify": PLAN}, uid=1000, gid=0)
+    assert isinstance(found, Skip)
+    assert found.reason.startswith(
+        "the agent planned the check for UID 65532 / GID 65532, but this container runs as UID 1000 / GID 0"
     )
 
 
-def test_verify_with_unreadable_traffic_settings_is_skipped(tmp_path: Path) -> None:
-    annotations = marked("initialized", netnsInode=netns_inode())
-    annotations[names.IPTABLES_ARGS] = "not json"
-    path = write_podinfo(tmp_path, annotations)
+def test_the_agents_skip_is_repeated_on_one_line() -> None:
+    found = planned_check({"verify": {"uid": 1, "gid": 1, "skip": "because\nof this"}}, uid=2, gid=2)
+    assert found == Skip("because of this")
+
+
+def test_a_mark_without_a_plan_is_not_probed() -> None:
+    found = planned_check({"netnsInode": 1, "proxyUids": [1337]}, uid=65532, gid=65532)
+    assert isinstance(found, Skip) and "no probe plan" in found.reason
+
+
+@pytest.mark.parametrize(
+    ("plan", "problem"),
+    [
+        ([PLAN], "not a JSON object"),
+        ({**PLAN, "uid": "65532"}, "uid is not a UID/GID or null"),
+        ({**PLAN, "gid": True}, "gid is not a UID/GID or null"),
+        ({**PLAN, "address": "127.0.0.1"}, "address is not one of"),  # would reach our listener unredirected
+        ({**PLAN, "address": "10.0.0.1"}, "address is not one of"),
+        ({**PLAN, "port": 15001}, "port is not one of"),
+        ({**PLAN, "port": 80.0}, "port is not one of"),
+        ({**PLAN, "proxyPort": 80}, "proxyPort is not a port other than the probe's"),
+        ({**PLAN, "proxyPort": 0}, "proxyPort is not a port other than the probe's"),
+        ({**PLAN, "uid": None}, "it names a probe but not the UID and GID"),
+        ({"uid": 1, "gid": 1, "skip": ""}, "skip is not a non-empty string"),
+        ({**PLAN, "skip": "x"}, "it both skips and names a probe"),
+    ],
+)
+def test_a_plan_the_agent_does_not_write_is_not_probed(plan: Any, problem: str) -> None:
+    found = planned_check({"verify": plan}, uid=65532, gid=65532)
+    assert isinstance(found, Skip)
+    assert found.reason.startswith(f"the agent's probe plan is not usable: {problem}")
+
+
+class Proofs:
+    """Stands in for ``prove_redirect`` (unit tests send no traffic): records each probe."""
+
+    def __init__(self) -> None:
+        self.probes: list[Probe] = []
+
+    def __call__(self, probe: Probe, *, timeout: float) -> str:
+        self.probes.append(probe)
+        target = f"{probe.address}:{probe.port}"
+        return f"outbound redirect proven: {target} reached the proxy port {probe.proxy_port}"
+
+
+@pytest.fixture
+def proofs(monkeypatch: pytest.MonkeyPatch) -> Proofs:
+    from istio_pod_network_controller import waiter
+
+    found = Proofs()
+    monkeypatch.setattr(waiter, "prove_redirect", found)
+    return found
+
+
+def _verify(tmp_path: Path, detail: dict[str, Any], **pod_wrote: str) -> tuple[int, str, list[str]]:
+    annotations = {
+        names.STATUS: "initialized",
+        names.DETAIL: json.dumps({"netnsInode": netns_inode(), **detail}),
+    }
+    path = write_podinfo(tmp_path, {**annotations, **pod_wrote})
     logged: list[str] = []
-    code, _ = run(Options(file=str(path), timeout=5, verify=True), log=logged.append)
+    code, line = run(Options(file=str(path), timeout=5, verify=True), log=logged.append, uid=65532, gid=65532)
+    return code, line, logged
+
+
+# What a tenant can write on its own pod to make a waiter that trusted it skip the check.
+FORGED = {
+    "traffic.sidecar.istio.io/excludeInterfaces": "eth0",
+    "traffic.sidecar.istio.io/excludeOutboundPorts": "80,8080,443",
+    "traffic.sidecar.istio.io/includeOutboundIPRanges": "10.0.0.0/8",
+    names.IPTABLES_ARGS: json.dumps(["istio-iptables", "-u", "65532", "-o", "80,8080,443", "-c", "eth0"]),
+}
+
+
+def test_what_the_pod_wrote_does_not_turn_the_agents_probe_into_a_skip(
+    tmp_path: Path, proofs: Proofs
+) -> None:
+    forged_detail = {"verify": PLAN, "proxyUids": [65532], "proxyGids": [65532]}
+    code, line, logged = _verify(tmp_path, forged_detail, **FORGED)
     assert code == 0
-    assert any("cannot be read from its annotations" in entry for entry in logged)
+    assert proofs.probes == [Probe("192.0.2.1", 80, 15001)]
+    assert line.endswith("; outbound redirect proven: 192.0.2.1:80 reached the proxy port 15001")
+    assert not any("skipped" in entry for entry in logged)
 
 
-def test_verify_uses_the_proxy_ids_the_agent_applied() -> None:
-    from istio_pod_network_controller.waiter import Skip, _with_agents_ids, plan_verify, spec_from_annotations
+def test_a_failed_probe_fails_the_pod_whatever_the_pod_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from istio_pod_network_controller import waiter
 
-    spec = spec_from_annotations({})  # CNI defaults: proxy 1337, as far as the annotations tell
-    applied = _with_agents_ids(spec, {"proxyUids": [1000620000], "proxyGids": [1337]})
-    assert applied.proxy_uids == (1000620000,)
-    assert isinstance(plan_verify(applied, uid=1000620000, gid=0), Skip)  # the waiter is the proxy's UID
-    assert _with_agents_ids(spec, {"proxyUids": ["x"]}) == spec  # malformed: ignored
+    def fail(probe: Probe, *, timeout: float) -> str:
+        raise WaitFailed(
+            "redirect check failed: connecting to 192.0.2.1:80 did not reach the local listener", 1
+        )
+
+    monkeypatch.setattr(waiter, "prove_redirect", fail)
+    code, line, _ = _verify(tmp_path, {"verify": PLAN, "proxyUids": [65532]}, **FORGED)
+    assert (code, line) == (
+        1,
+        "redirect check failed: connecting to 192.0.2.1:80 did not reach the local listener",
+    )
+
+
+def test_the_agents_skip_passes_without_claiming_a_proof(tmp_path: Path, proofs: Proofs) -> None:
+    reason = "the pod's outbound capture covers none of 192.0.2.1:80"
+    code, line, logged = _verify(tmp_path, {"verify": {"uid": 65532, "gid": 65532, "skip": reason}})
+    assert code == 0 and proofs.probes == []
+    assert line.endswith("; redirect check skipped (relying on the agent's read-back of the rules)")
+    assert "proven" not in line
+    assert f"redirect check skipped: {reason}; relying on the agent's read-back of the rules" in logged
+
+
+def test_a_waiter_running_as_the_proxy_says_so(tmp_path: Path, proofs: Proofs) -> None:
+    plan = probe_plan(spec("-u", "65532"), uid=65532, gid=65532)
+    code, line, logged = _verify(tmp_path, {"verify": plan})
+    assert code == 0 and proofs.probes == [] and "proven" not in line
+    assert any(entry.startswith("redirect check skipped: misconfiguration: the waiter runs as UID 65532")
+               for entry in logged)  # fmt: skip
+
+
+def test_a_mark_without_a_plan_passes_unproven_whatever_the_pod_wrote(tmp_path: Path, proofs: Proofs) -> None:
+    code, line, logged = _verify(
+        tmp_path, {"proxyUids": [1337]}, **{names.IPTABLES_ARGS: json.dumps(SIDECAR)}
+    )
+    assert code == 0 and proofs.probes == [] and "proven" not in line
+    assert any("no probe plan" in entry for entry in logged)
+
+
+# -- a hostile detail annotation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("detail", "said"),
+    [
+        ("[" * 60_000, "is nested 60000 levels deep, more than the limit of 64"),
+        ('{"netnsInode": 1, "pad": "' + "x" * 70_000 + '"}', "bytes, more than the limit of 65536"),
+    ],
+)
+def test_a_hostile_detail_is_one_line_and_no_recursion(detail: str, said: str) -> None:
+    found = observe({names.STATUS: "initialized", names.DETAIL: detail}, INODE)
+    assert isinstance(found, Waiting)
+    assert said in found.reason and "\n" not in found.reason
+    assert isinstance(observe({names.STATUS: "error", names.DETAIL: detail}, INODE), AgentFailed)
+
+
+def test_cli_with_a_deeply_nested_detail_ends_in_one_line_without_a_traceback(tmp_path: Path) -> None:
+    path = write_podinfo(tmp_path, {names.STATUS: "initialized", names.DETAIL: "{" * 60_000})
+    done = _cli("--file", str(path), "--timeout", "0.3", "--verify")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "RecursionError" not in done.stderr
+    assert "is nested 60000 levels deep" in done.stderr.splitlines()[-1]

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--verify",
         action="store_true",
-        help="after the mark, prove that outbound traffic reaches the proxy port",
+        help="after the mark, prove that outbound traffic reaches the proxy port, with the probe the "
+        "agent planned in its mark (skipped, saying why, when it planned none for this UID/GID)",
     )
     parser.add_argument(
         "--verify-timeout",
