@@ -41,6 +41,9 @@ class ApplyResult:
     rules: int
     changed: bool
     milliseconds: float
+    # What was there instead of the intended rules when something had to be written over a
+    # namespace that already held rules of ours ("" otherwise): the drift a repair undid.
+    replaced: str = ""
 
     def summary(self) -> dict[str, object]:
         return {
@@ -186,14 +189,19 @@ class Applier:
         self._seen: OrderedDict[NetnsId, None] = OrderedDict()
         self._seen_guard = threading.Lock()
 
-    def apply(self, ns: Netns, ruleset: Ruleset) -> ApplyResult:
+    def apply(self, ns: Netns, ruleset: Ruleset, *, fresh: bool | None = None) -> ApplyResult:
         """Make our rules in ``ns`` exactly ``ruleset``, verified; raise ApplyError otherwise,
-        after putting back what we owned before."""
+        after putting back what we owned before. Nothing is written when they already are.
+
+        ``fresh`` is the caller's belief that the namespace holds nothing of ours (a new sandbox):
+        True tries the create-only fast path first, False reads first (a re-check of a namespace
+        programmed before); None decides by whether this applier has seen the namespace."""
         started = time.perf_counter()
+        replaced: list[str] = []
         with self.locks.hold(ns.id):
             try:
                 self._step("start", ns)
-                changed = self._apply_locked(ns, ruleset)
+                changed = self._apply_locked(ns, ruleset, fresh, replaced)
             finally:
                 self._step("done", ns)
         return ApplyResult(
@@ -203,13 +211,14 @@ class Applier:
             rules=ruleset.rule_count(),
             changed=changed,
             milliseconds=(time.perf_counter() - started) * 1000,
+            replaced="; ".join(replaced),
         )
 
     def _step(self, name: str, ns: Netns) -> None:
         if self._on_step is not None:
             self._on_step(name, ns)
 
-    def _apply_locked(self, ns: Netns, ruleset: Ruleset) -> bool:
+    def _apply_locked(self, ns: Netns, ruleset: Ruleset, fresh: bool | None, replaced: list[str]) -> bool:
         try:
             fams = [
                 _Family(Family.IPV4, tables.desired_from_restore(ruleset.iptables)),
@@ -218,7 +227,8 @@ class Applier:
         except tables.RulesetFormatError as exc:
             raise ApplyError("prepare", str(exc)) from None
         v6_used = not fams[1].desired.is_empty()
-        if self._first_visit(ns) and self._can_create(fams, ruleset):
+        first = self._first_visit(ns)
+        if (first if fresh is None else fresh) and self._can_create(fams, ruleset):
             created = self._apply_fresh(ns, ruleset, fams)
             if created:
                 return True
@@ -237,8 +247,13 @@ class Applier:
                 fam.written = True
 
         pending = [f for f in fams if not self._already(f)]
+        for fam in pending:
+            want = self.expected.get(self.tools, fam.family, fam.desired)  # computed by _already
+            if want is not None and fam.before is not None and not fam.before.is_empty():
+                replaced.append(f"{fam.family.value}: {tables.describe_difference(want, fam.before)}")
         route_families = self._route_families(fams, ruleset, v6_used)
         route_before: dict[Family, routes.RouteState] = {}
+        routes_written = False
         added_passthrough = False
         if not pending and not route_families and not ruleset.ipv6_passthrough_address:
             self._check_still_there(ns)
@@ -248,7 +263,10 @@ class Applier:
                 self._step("policy route", ns)
                 for family in route_families:
                     route_before[family] = routes.read_state(ns, family)
-                    routes.write(ns, family, route_before[family], routes.wanted(ruleset.tproxy))
+                    target = routes.wanted(ruleset.tproxy)
+                    if routes.write(ns, family, route_before[family], target):
+                        routes_written = True
+                        replaced.append(f"{family.name} policy route: {route_before[family]}, not {target}")
             if ruleset.ipv6_passthrough_address:
                 self._step("passthrough address", ns)
                 added_passthrough = routes.add_passthrough_v6(ns)
@@ -259,14 +277,14 @@ class Applier:
                 self._step("policy route", ns)
                 for family in route_families:
                     route_before[family] = routes.read_state(ns, family)
-                    routes.write(ns, family, route_before[family], routes.RouteState())
+                    routes_written |= routes.write(ns, family, route_before[family], routes.RouteState())
             self._step("verify", ns)
             self._verify(ns, pending, ruleset, route_families)
         except NodeError as exc:
             rollback = self._rollback(ns, fams, route_before, added_passthrough)
             reason = self._gone_or(ns, exc.reason)
             raise ApplyError(exc.step, reason + rollback) from None
-        return bool(pending) or bool(route_before) or added_passthrough
+        return bool(pending) or routes_written or added_passthrough
 
     def _first_visit(self, ns: Netns) -> bool:
         """True the first time this applier sees a namespace (bounded memory, oldest forgotten)."""
@@ -341,8 +359,13 @@ class Applier:
         assert fam.now is not None
         if fam.desired.is_empty():
             return fam.now.is_empty()
-        expected = self.expected.get(self.tools, fam.family, fam.desired)
-        return expected is not None and fam.now.same_rules(expected)
+        # Computed (once per ruleset, then cached) rather than only looked up: a process that
+        # never applied this ruleset itself, such as a restarted agent re-checking a namespace,
+        # must still recognise rules that are already right and write nothing.
+        try:
+            return fam.now.same_rules(self.expected.compute(self.tools, fam.family, fam.desired))
+        except ApplyError:
+            return False  # a ruleset the kernel refuses: the restore says so, and rolls back
 
     def _route_families(self, fams: list[_Family], ruleset: Ruleset, v6_used: bool) -> list[Family]:
         """Families whose policy route we must write or remove. Without TPROXY we look for an old

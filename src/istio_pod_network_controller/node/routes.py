@@ -141,13 +141,15 @@ def transition(current: RouteState, target: RouteState) -> list[str]:
     return lines
 
 
-def write(ns: Netns, family: Family, current: RouteState, target: RouteState) -> None:
+def write(ns: Netns, family: Family, current: RouteState, target: RouteState) -> bool:
+    """Turn ``current`` into ``target``; True when anything had to be written."""
     lines = transition(current, target)
     if not lines:
-        return
+        return False
     done = ns.run([tool("ip"), _flag(family), "-batch", "-"], stdin="\n".join(lines) + "\n")
     if not done.ok:
         raise ApplyError("policy route", f"{family.name}: {done.reason()}")
+    return True
 
 
 def add_passthrough_v6(ns: Netns) -> bool:
