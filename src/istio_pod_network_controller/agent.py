@@ -13,17 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import names
 from .cluster.api import Api
 from .cluster.reflector import Reflector, cancel_all, name_key, uid_key
-from .cluster.report import PodGone, PodRef, Reporter, now_rfc3339, read_detail, read_status
+from .cluster.report import PodGone, PodRef, Reporter, now_rfc3339, read_detail, read_status, status_patch
 from .decide import DEFAULT_EXCLUDED_NAMESPACES, decide
 from .node import locate
 from .node.apply import Applier, ApplyResult
@@ -31,10 +32,13 @@ from .node.errors import LocateError, NodeError
 from .node.netns import Netns, NetnsId, netns_id_of
 from .observe import Metrics
 from .render import Ruleset, render
-from .spec import OutOfScope, SpecError, spec_from_pod
+from .spec import OutOfScope, RedirectSpec, SpecError, parse_flags, spec_from_pod
+from .spec.canonical import to_args
 from .workqueue import ShutDown, WorkQueue
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_PENDING_EVENTS = 1000  # Events being posted at once; more are dropped (and counted)
 
 
 class Outcome(enum.Enum):
@@ -51,6 +55,11 @@ class AgentConfig:
     resync_seconds: float = 300.0
     retry_base_seconds: float = 0.05
     retry_max_seconds: float = 30.0
+    # One reconcile may take this long; past it the worker gives up on it (and retries later),
+    # and a node call still running past it turns liveness red.
+    reconcile_deadline_seconds: float = 60.0
+    # The event loop must tick at least this often, or liveness turns red.
+    stall_seconds: float = 10.0
 
 
 Locator = Callable[[str, tuple[str, ...]], Netns]
@@ -63,18 +72,87 @@ def default_locator(proc_root: str) -> Locator:
     return find
 
 
-def _version(text: str) -> int | None:
-    """A resourceVersion as a number, to tell older from newer. Kubernetes calls them opaque,
-    but with etcd they are its revision: a decimal integer. None when one is not."""
-    return int(text) if text.isdigit() else None
-
-
 def pod_ips(pod: Mapping[str, Any]) -> tuple[str, ...]:
     status = pod.get("status") or {}
     ips = [item.get("ip") for item in status.get("podIPs") or [] if isinstance(item, Mapping)]
     if not ips and status.get("podIP"):
         ips = [status["podIP"]]
     return tuple(ip for ip in ips if isinstance(ip, str))
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The rules for one sandbox, and the flags they were built from (kept in the mark, so the
+    same rules can be rebuilt for that sandbox without reading the pod's annotations again)."""
+
+    spec: RedirectSpec
+    ruleset: Ruleset
+    sha: str
+    args: tuple[str, ...]
+
+    @classmethod
+    def of(cls, spec: RedirectSpec) -> Plan:
+        ruleset = render(spec)
+        return cls(spec, ruleset, ruleset.sha256(), tuple(to_args(spec)))
+
+
+def plan_from_pod(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None) -> Plan:
+    """Raises SpecError or OutOfScope. Runs in a worker thread: its cost grows with the pod."""
+    return Plan.of(spec_from_pod(pod, namespace))
+
+
+def plan_from_mark(args: Sequence[str]) -> Plan:
+    """Raises SpecError. The flags come from our own mark, but go through the same parser."""
+    return Plan.of(parse_flags(args))
+
+
+@dataclass
+class Programmed:
+    """What this process applied to one pod's sandbox: the agent's answer to "is this pod done?".
+
+    Annotations never answer it. Within one process this record does; a process without one (a
+    restart, a recreated sandbox) reads the namespace back first. The mark we wrote is kept as
+    text with the resourceVersion our patch produced: once the watch has brought that version
+    back, a pod showing anything else had its mark changed by someone else.
+    """
+
+    netns_path: str
+    netns: NetnsId
+    pod_ips: tuple[str, ...]
+    plan: Plan
+    detail: str = ""  # the detail annotation as we wrote it (or found it, intact)
+    mark_version: str = ""
+    mark_seen: bool = False
+
+    def same_sandbox(self, ips: tuple[str, ...]) -> bool:
+        """The pod still lives in the namespace we programmed (one stat, no scan): a recreated
+        sandbox has a new namespace, and most often new IPs."""
+        if ips != self.pod_ips:
+            return False
+        try:
+            return netns_id_of(self.netns_path) == self.netns
+        except OSError:
+            return False
+
+
+def _marked_args(pod: Mapping[str, Any], inode: int) -> tuple[str, ...] | None:
+    """The flags of an ``initialized`` mark for this very namespace, if the pod carries one:
+    where a previous agent process left the sandbox's rules. Only a hint of what to re-check,
+    never proof that the rules are there."""
+    if read_status(pod) != names.STATUS_INITIALIZED:
+        return None
+    detail = read_detail(pod)
+    args = detail.get("args")
+    if detail.get("netnsInode") != inode or not isinstance(args, list):
+        return None
+    if not all(isinstance(a, str) for a in args):
+        return None
+    return tuple(args)
+
+
+def _raw_detail(pod: Mapping[str, Any]) -> str | None:
+    value = ((pod.get("metadata") or {}).get("annotations") or {}).get(names.DETAIL)
+    return value if isinstance(value, str) else None
 
 
 @dataclass
@@ -112,11 +190,13 @@ class Agent:
         self._initial: set[str] | None = None  # UIDs of the first list not yet reconciled
         self.ready = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._workers: list[asyncio.Task[None]] = []
+        self._start_task: asyncio.Task[None] | None = None
         self._last_beat = time.monotonic()
-        # uid -> (netns path, identity, pod IPs then) where we last found the pod's sandbox
-        self._seen: dict[str, tuple[str, NetnsId, tuple[str, ...]]] = {}
-        # uid -> (netns inode, ruleset sha, resourceVersion of our patch) of the last mark we wrote
-        self._written: dict[str, tuple[int, str, int | None]] = {}
+        self._programmed: dict[str, Programmed] = {}
+        self._recheck: set[str] = set()  # pods whose namespace is read back at their next reconcile
+        self._node_calls: dict[int, float] = {}  # running node calls -> monotonic start
+        self._events: set[asyncio.Task[None]] = set()
 
     # -- events -> keys ---------------------------------------------------------------------
 
@@ -131,92 +211,163 @@ class Agent:
             if pod.get("metadata", {}).get("namespace") == name:
                 self.queue.add(uid)
 
-    # -- the reconcile ----------------------------------------------------------------------
+    # -- the reconcile: plan -> locate -> apply -> report -------------------------------------
 
     async def reconcile(self, uid: str) -> Outcome:
         pod = self.pods.store.get(uid)
         if pod is None:
-            self._seen.pop(uid, None)
-            self._written.pop(uid, None)
+            self._forget(uid)
             return Outcome.DONE  # deleted meanwhile: nothing to undo, the namespace went with it
         meta = pod.get("metadata") or {}
         if meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+            self._forget(uid)
             return Outcome.DONE
         namespace = self.namespaces.store.get(meta.get("namespace", ""))
-        decision = decide(pod, namespace, excluded_namespaces=self.config.excluded_namespaces)
-        if not decision.ours:
+        if not decide(pod, namespace, excluded_namespaces=self.config.excluded_namespaces).ours:
             return Outcome.DONE
-        ref = PodRef.of(pod)
-        fields = {"pod": f"{ref.namespace}/{ref.name}", "uid": uid}
-
-        try:
-            spec = spec_from_pod(pod, namespace)
-        except OutOfScope:
-            return Outcome.DONE
-        except SpecError as exc:
-            await self._report_error(pod, ref, "InvalidConfiguration", str(exc), fields)
-            return Outcome.DONE  # no retry until the pod changes
-        ruleset = render(spec)
-        sha = ruleset.sha256()
-
-        if not pod_ips(pod):
+        ips = pod_ips(pod)
+        if not ips:
             # The kubelet reports the pod's IPs once its sandbox is up. Until then the namespace
             # cannot be checked against them, and an IPv6 address would be missed (no ip6tables
             # rules). The status update that brings them queues the pod again.
             return Outcome.DONE
-        if self._still_programmed(uid, pod, sha):
-            return Outcome.DONE  # e.g. the echo of our own status patch: no /proc scan needed
-        loop = asyncio.get_running_loop()
+        recheck = uid in self._recheck
+        self._recheck.discard(uid)
+        ref = PodRef.of(pod)
+        fields = {"pod": f"{ref.namespace}/{ref.name}", "uid": uid}
+        record = self._programmed.get(uid)
+        if record is not None and record.same_sandbox(ips):
+            # Programmed by this process: the rules belong to this sandbox whatever the pod's
+            # annotations say now. Read back only when a re-check is due.
+            return await self._keep(pod, ref, record, recheck=recheck, fields=fields)
+        self._programmed.pop(uid, None)
         try:
-            netns = await loop.run_in_executor(self.executor, self.find_netns, uid, pod_ips(pod))
+            netns = await self._off_loop(self.find_netns, uid, ips)
         except LocateError as exc:
             log.info("network namespace not there yet", extra={**fields, "reason": exc.reason})
             self.metrics.errors.labels("netns_not_found").inc()
             return Outcome.RETRY
         try:
-            self._seen[uid] = (netns.path, netns.id, pod_ips(pod))
-            if self._marked(uid, pod, netns.inode, sha):
-                return Outcome.DONE  # already programmed for this very namespace
-            try:
-                result = await loop.run_in_executor(self.executor, self._apply, netns, ruleset)
-            except NodeError as exc:
-                await self._report_error(
-                    pod, ref, "ApplyFailed", f"{exc.step}: {exc.reason}", fields, netns.inode
-                )
-                return Outcome.RETRY
+            return await self._program(pod, namespace, ref, netns, ips, fields)
         finally:
             netns.close()
 
+    async def _program(
+        self,
+        pod: Mapping[str, Any],
+        namespace: Mapping[str, Any] | None,
+        ref: PodRef,
+        netns: Netns,
+        ips: tuple[str, ...],
+        fields: dict[str, Any],
+    ) -> Outcome:
+        """A sandbox this process has no record of: a new one (planned from the pod), or one a
+        previous process marked (planned from the flags in that mark, then read back)."""
+        plan: Plan | None = None
+        marked = _marked_args(pod, netns.inode)
+        if marked is not None:
+            try:
+                plan = await self._off_loop(plan_from_mark, marked)
+            except SpecError:
+                plan = None  # not a mark we wrote: plan from the pod as for a new sandbox
+        if plan is None:
+            try:
+                plan = await self._off_loop(plan_from_pod, pod, namespace)
+            except OutOfScope:
+                return Outcome.DONE
+            except SpecError as exc:
+                await self._report_error(pod, ref, "InvalidConfiguration", str(exc), fields)
+                return Outcome.DONE  # no retry until the pod changes
+        try:
+            result = await self._off_loop(self.applier.apply, netns, plan.ruleset, fresh=marked is None)
+        except NodeError as exc:
+            return await self._apply_failed(pod, ref, exc, fields, netns.inode)
+        record = Programmed(netns.path, netns.id, ips, plan)
+        self._programmed[ref.uid] = record
+        if marked is not None and result.changed:
+            self._drift_repaired(ref, result, fields)
+        raw = _raw_detail(pod)
+        if marked is not None and not result.changed and raw is not None:
+            found = read_detail(pod)
+            if found.get("rulesetSha256") == plan.sha:
+                record.detail, record.mark_seen = raw, True  # intact and marked: nothing to write
+                log.info("pod re-checked: rules intact", extra={**fields, "netnsInode": result.inode})
+                return Outcome.DONE
+        return await self._mark(ref, record, result, fields, announce=True)
+
+    async def _keep(
+        self,
+        pod: Mapping[str, Any],
+        ref: PodRef,
+        record: Programmed,
+        *,
+        recheck: bool,
+        fields: dict[str, Any],
+    ) -> Outcome:
+        if recheck:
+            try:
+                netns = Netns(record.netns_path)
+            except (NodeError, OSError):
+                self._programmed.pop(ref.uid, None)
+                return Outcome.RETRY  # gone between the stat and the open: look again
+            try:
+                if netns.id != record.netns:
+                    self._programmed.pop(ref.uid, None)
+                    return Outcome.RETRY
+                result = await self._off_loop(self.applier.apply, netns, record.plan.ruleset, fresh=False)
+            except NodeError as exc:
+                return await self._apply_failed(pod, ref, exc, fields, netns.inode)
+            finally:
+                netns.close()
+            if result.changed:
+                self._drift_repaired(ref, result, fields)
+        shown = _raw_detail(pod) == record.detail and read_status(pod) == names.STATUS_INITIALIZED
+        version = pod.get("metadata", {}).get("resourceVersion")
+        if shown or (record.mark_version and version == record.mark_version):
+            record.mark_seen = True  # equality only: resourceVersions are opaque
+        if shown or not (record.mark_seen or recheck):
+            return Outcome.DONE  # marked, or our own patch is still on its way back
+        log.warning("mark changed by someone else: writing it again", extra=fields)
+        inode = record.netns.inode
+        result = ApplyResult(record.netns_path, inode, self.applier.tools.backend.value,
+                             record.plan.ruleset.rule_count(), False, 0.0)  # fmt: skip
+        return await self._mark(ref, record, result, fields, announce=False)
+
+    async def _mark(
+        self, ref: PodRef, record: Programmed, result: ApplyResult, fields: dict[str, Any], *, announce: bool
+    ) -> Outcome:
+        spec = record.plan.spec
         detail = {
             "netnsInode": result.inode,
-            "rulesetSha256": sha,
+            "rulesetSha256": record.plan.sha,
             "appliedAt": now_rfc3339(),
             "backend": result.backend,
             "rules": result.rules,
             "applyMs": round(result.milliseconds, 2),
             "node": self.config.node_name,
-            # For the waiter's --verify: which users the rules leave alone (it cannot see the
-            # proxy's securityContext or the namespace the agent took them from).
+            # The flags these rules were built from: the rules of this sandbox, rebuilt from here
+            # (never from the pod's annotations) when another agent process re-checks it.
+            "args": list(record.plan.args),
+            # Which users the rules leave alone (the waiter cannot see the proxy's securityContext
+            # or the namespace the agent took them from).
             "proxyUids": list(spec.proxy_uids),
             "proxyGids": list(spec.proxy_gids),
         }
+        written = status_patch(ref, names.STATUS_INITIALIZED, detail)["metadata"]["annotations"][names.DETAIL]
         try:
             version = await self.reporter.set_status(ref, names.STATUS_INITIALIZED, detail)
         except PodGone:
+            self._programmed.pop(ref.uid, None)
             return Outcome.DONE
-        self._written[uid] = (result.inode, sha, _version(version))
+        record.detail, record.mark_version, record.mark_seen = written, version, False
+        if not announce:
+            return Outcome.DONE
         self.metrics.initialized.inc()
         self.metrics.apply_seconds.observe(result.milliseconds / 1000)
-        log.info(
-            "pod initialized",
-            extra={
-                **fields,
-                "netnsInode": result.inode,
-                "rules": result.rules,
-                "ms": round(result.milliseconds, 2),
-            },
-        )
-        await self.reporter.event(
+        log.info("pod initialized",
+                 extra={**fields, "netnsInode": result.inode, "rules": result.rules,
+                        "ms": round(result.milliseconds, 2)})  # fmt: skip
+        self._event(
             ref,
             kind="Normal",
             reason="Initialized",
@@ -225,38 +376,50 @@ class Agent:
         )
         return Outcome.DONE
 
-    def _marked(self, uid: str, pod: Mapping[str, Any], inode: int, sha: str) -> bool:
-        """Is the pod marked initialized for this namespace and ruleset? Either its annotations
-        say so, or we wrote that mark and the pod in our cache predates our write (the watch
-        has not brought our own patch back yet): without this, every other event arriving in
-        between would program the pod again."""
-        detail = read_detail(pod)
-        if (
-            read_status(pod) == names.STATUS_INITIALIZED
-            and detail.get("netnsInode") == inode
-            and detail.get("rulesetSha256") == sha
-        ):
-            return True
-        written = self._written.get(uid)
-        if written is None or written[:2] != (inode, sha):
-            return False
-        cached = _version(str(pod.get("metadata", {}).get("resourceVersion", "")))
-        return cached is not None and written[2] is not None and cached < written[2]
+    def _drift_repaired(self, ref: PodRef, result: ApplyResult, fields: dict[str, Any]) -> None:
+        what = result.replaced or "rules of ours missing"
+        self.metrics.drift_repaired.inc()
+        log.warning("rules drifted: re-applied",
+                    extra={**fields, "netnsInode": result.inode, "found": what})  # fmt: skip
+        self._event(
+            ref,
+            kind="Normal",
+            reason="DriftRepaired",
+            message=f"redirect rules in network namespace {result.inode} were not as applied ({what}); "
+            f"re-applied and verified",
+        )
 
-    def _still_programmed(self, uid: str, pod: Mapping[str, Any], sha: str) -> bool:
-        """True when the pod is marked initialized with this ruleset for the namespace we last
-        found for it, and that namespace is still its sandbox's (one stat, no scan): the sandbox
-        process still lives in the same namespace. A recreated sandbox fails this check."""
-        seen = self._seen.get(uid)
-        if seen is None or seen[2] != pod_ips(pod) or not self._marked(uid, pod, seen[1].inode, sha):
-            return False  # a new pod IP means a new sandbox: look again
+    def _forget(self, uid: str) -> None:
+        self._programmed.pop(uid, None)
+        self._recheck.discard(uid)
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run blocking or CPU-bound work (the /proc scan, iptables, parsing a pod's flags) on a
+        node thread, so one pod can hold at most its worker, never the event loop. Running calls
+        are timed: one past the reconcile deadline turns liveness red."""
+        loop = asyncio.get_running_loop()
+        call = functools.partial(fn, *args, **kwargs)
+        token = id(call)
+        self._node_calls[token] = time.monotonic()
         try:
-            return netns_id_of(seen[0]) == seen[1]
-        except OSError:
-            return False
+            return await loop.run_in_executor(self.executor, call)
+        finally:
+            self._node_calls.pop(token, None)
 
-    def _apply(self, netns: Netns, ruleset: Ruleset) -> ApplyResult:
-        return self.applier.apply(netns, ruleset)
+    def _event(self, ref: PodRef, *, kind: str, reason: str, message: str) -> None:
+        """Post an Event in the background: never on the reconcile path."""
+        if len(self._events) >= MAX_PENDING_EVENTS:
+            self.metrics.errors.labels("event_dropped").inc()
+            return
+        task = asyncio.create_task(self.reporter.event(ref, kind=kind, reason=reason, message=message))
+        self._events.add(task)
+        task.add_done_callback(self._events.discard)
+
+    async def _apply_failed(
+        self, pod: Mapping[str, Any], ref: PodRef, exc: NodeError, fields: dict[str, Any], inode: int
+    ) -> Outcome:
+        await self._report_error(pod, ref, "ApplyFailed", f"{exc.step}: {exc.reason}", fields, inode)
+        return Outcome.RETRY
 
     async def _report_error(
         self,
@@ -280,7 +443,7 @@ class Agent:
             await self.reporter.set_status(ref, names.STATUS_ERROR, detail)
         except PodGone:
             return
-        await self.reporter.event(ref, kind="Warning", reason=reason, message=message)
+        self._event(ref, kind="Warning", reason=reason, message=message)
 
     # -- workers and lifecycle --------------------------------------------------------------
 
@@ -291,19 +454,28 @@ class Agent:
             except ShutDown:
                 return
             self.metrics.queue_depth.set(len(self.queue))
+            outcome = Outcome.RETRY
             try:
-                outcome = await self.reconcile(uid)
+                outcome = await asyncio.wait_for(
+                    self.reconcile(uid), timeout=self.config.reconcile_deadline_seconds
+                )
+            except TimeoutError:
+                log.error("reconcile ran past its deadline: given up, retried later",
+                          extra={"uid": uid, "deadlineSeconds": self.config.reconcile_deadline_seconds})
+                self.metrics.errors.labels("deadline").inc()  # fmt: skip
             except Exception as exc:  # an API hiccup or a bug: log it, retry, keep serving
-                log.exception("reconcile failed", extra={"uid": uid, "error": str(exc)})
+                log.error("reconcile failed", extra={"uid": uid, "error": f"{type(exc).__name__}: {exc}"})
                 self.metrics.errors.labels("internal").inc()
-                outcome = Outcome.RETRY
             finally:
                 self.queue.done(uid)
-            if outcome is Outcome.RETRY and uid in self.pods.store:
-                self.queue.add_rate_limited(uid)
-            else:
-                self.queue.forget(uid)
-            self._mark_initial_done(uid)
+                try:
+                    if outcome is Outcome.RETRY and uid in self.pods.store:
+                        self.queue.add_rate_limited(uid)
+                    else:
+                        self.queue.forget(uid)
+                except Exception as exc:  # the queue must never take a worker down with it
+                    log.error("requeue failed", extra={"uid": uid, "error": f"{type(exc).__name__}: {exc}"})
+                self._mark_initial_done(uid)
 
     def _mark_initial_done(self, uid: str) -> None:
         if self._initial is None:
@@ -315,21 +487,46 @@ class Agent:
             log.info("ready: first list processed")
 
     async def _resync(self) -> None:
+        """Every period, every pod again, and each programmed namespace read back: rules deleted
+        by hand or overwritten by another tool are found and repaired here."""
         while True:
             await asyncio.sleep(self.config.resync_seconds)
             for uid in list(self.pods.store):
+                self._recheck.add(uid)
                 self.queue.add(uid)
 
     async def _heartbeat(self) -> None:
         while True:
             self._last_beat = time.monotonic()
-            await asyncio.sleep(1)
+            await asyncio.sleep(min(1.0, self.config.stall_seconds / 4))
+
+    def health_problem(self) -> str | None:
+        """Why the agent should be restarted, or None. Called from the health server's thread."""
+        now = time.monotonic()
+        lag = now - self._last_beat
+        if lag > self.config.stall_seconds:
+            return f"event loop stalled for {lag:.1f}s"
+        start = self._start_task
+        if start is not None and start.done() and (start.cancelled() or start.exception() is not None):
+            return "start-up failed"
+        ended = [t.get_name() for t in [*self._tasks, *self._workers] if t.done()]
+        if ended:
+            return f"task ended: {', '.join(ended)}"
+        oldest = min(self._node_calls.values(), default=now)
+        if now - oldest > self.config.reconcile_deadline_seconds:
+            return f"a node call has run for {now - oldest:.0f}s, past the reconcile deadline"
+        return None
 
     def healthy(self) -> bool:
-        """The loop ticks, and no task that should run forever (watches, workers) has ended."""
-        if any(task.done() for task in [*self._tasks, *getattr(self, "_workers", [])]):
-            return False
-        return time.monotonic() - self._last_beat < 30
+        problem = self.health_problem()
+        if problem is not None:
+            log.error("unhealthy", extra={"reason": problem})
+        return problem is None
+
+    def launch(self) -> asyncio.Task[None]:
+        """Start in the background; a start-up that fails turns liveness red."""
+        self._start_task = asyncio.create_task(self.start(), name="start")
+        return self._start_task
 
     async def start(self) -> None:
         """Start watching and working; returns once both stores have their first list."""
@@ -359,9 +556,15 @@ class Agent:
 
     async def stop(self) -> None:
         """Drain: stop watching, let workers finish the pods in hand, then return."""
+        if self._start_task is not None and not self._start_task.done():
+            self._start_task.cancel()
         await cancel_all(self._tasks)
         self.queue.shut_down()
         with contextlib.suppress(Exception):
-            await asyncio.gather(*getattr(self, "_workers", []))
-        self.executor.shutdown(wait=True)
+            await asyncio.gather(*self._workers)
+        if self._events:
+            await asyncio.wait(set(self._events), timeout=5)
+        # Threads still in a node call finish on their own; waiting for them here would block
+        # the loop (and the signal handling) for as long as they take.
+        await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)
         log.info("agent stopped")

@@ -168,7 +168,7 @@ async def _run(args: argparse.Namespace, listen: tuple[str, int]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("starting", extra={"node": config.node_name, "listen": f"{listen[0]}:{health.port}"})
-    starting = asyncio.create_task(agent.start())
+    starting = agent.launch()
     await stop.wait()
     log.info("signal received: draining")
     starting.cancel()
