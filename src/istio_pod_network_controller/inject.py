@@ -8,6 +8,16 @@ annotation, from which the agent builds exactly the spec istio-init would have a
 here before anything is written). The patch is computed from the pod as it is, so a second call
 on an already mutated pod changes nothing: safe under ``reinvocationPolicy: IfNeeded``.
 
+The webhook owns the waiter: an init container named like it that is not exactly the one it
+injects (up to the API server's defaults), wherever it stands, is replaced by the real one placed
+first, and so is a volume named like the podinfo volume that is not exactly its downward API
+volume; a pod author therefore never chooses the waiter's image, command, IDs, environment or the
+file it reads. Replacing rather than refusing keeps pods copied or restored from a mutated pod
+(``kubectl get -o yaml | kubectl create``, backups) working, with the current waiter. An
+application container of that name is refused: it cannot be replaced without changing the app.
+The waiter's UID and GID are never the proxy's (its connections would not be captured, so it
+could not prove the redirect): see ``waiter_ids_for``.
+
 Invalid istio-init arguments are denied, with the flag and value in the message: at admission is
 where Istio's own injector rejects bad traffic annotations, where ``kubectl apply`` and the
 ReplicaSet's events show it, and the alternative -- admitting the pod with its NET_ADMIN
@@ -29,11 +39,15 @@ from .decide import DEFAULT_EXCLUDED_NAMESPACES, decide
 from .spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
 from .spec.model import DEFAULT_PROXY_UID
 from .spec.pod import (
+    ANN_OPENSHIFT_UID_RANGE,
     ENV_DNS_CAPTURE,
     ENV_INVALID_DROP,
     INIT_CONTAINER,
+    annotations_of,
     env_of,
+    proxy_container,
 )
+from .spec.values import MAX_ID
 
 DEFAULT_WAITER_UID = 65532  # the conventional "nonroot" UID of distroless images; not the proxy's
 WAITER_RESOURCES: Mapping[str, Any] = {
@@ -42,6 +56,10 @@ WAITER_RESOURCES: Mapping[str, Any] = {
     # without one (istio-init, which the waiter replaces, had one as well).
     "limits": {"cpu": "100m", "memory": "64Mi"},
 }
+# What the API server fills in on a container and a downward API volume that the webhook leaves
+# unset: a second call must recognise its own waiter and volume with these added.
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+DEFAULT_VOLUME_MODE = 0o644
 # istio-iptables reads these environment variables as defaults of these flags.
 ENV_FLAGS = ((ENV_DNS_CAPTURE, "--redirect-dns"), (ENV_INVALID_DROP, "--drop-invalid"))
 
@@ -136,13 +154,95 @@ def _after(pod: Pod, args: Sequence[str]) -> dict[str, Any]:
     )
 
 
-def _proxy_ids(spec: RedirectSpec | None) -> set[int]:
-    if spec is None:
-        return {DEFAULT_PROXY_UID}
-    return {*spec.proxy_uids, *spec.proxy_gids}
+def _ids_of(container: Mapping[str, Any], pod: Pod) -> set[int]:
+    """The runAsUser and runAsGroup a container runs with as far as the pod says: its own
+    securityContext's, else the pod's."""
+    found = set()
+    holders = (
+        _mapping(container.get("securityContext")),
+        _mapping(_mapping(pod.get("spec")).get("securityContext")),
+    )
+    for key in ("runAsUser", "runAsGroup"):
+        value = next((h[key] for h in holders if h.get(key) is not None), None)
+        if type(value) is int and 0 <= value <= MAX_ID:
+            found.add(value)
+    return found
 
 
-def waiter_container(settings: WaiterSettings, *, run_as: int | None) -> dict[str, Any]:
+def _uid_range(namespace: Mapping[str, Any] | None) -> tuple[int, int] | str | None:
+    """OpenShift's ``openshift.io/sa.scc.uid-range`` (``START/SIZE``) as (first, last), the
+    problem with it as text, or None when the namespace has none."""
+    raw = annotations_of(namespace).get(ANN_OPENSHIFT_UID_RANGE)
+    if raw is None:
+        return None
+    start, slash, size = raw.strip().partition("/")
+    if not (slash and start.isascii() and start.isdigit() and size.isascii() and size.isdigit()):
+        return f"{ANN_OPENSHIFT_UID_RANGE} {raw[:80]!r} is not START/SIZE"
+    first, count = int(start), int(size)
+    if not (first >= 1 and count >= 1 and first + count - 1 <= MAX_ID):
+        return f"{ANN_OPENSHIFT_UID_RANGE} {raw[:80]!r} is not a range of UIDs above 0"
+    return first, first + count - 1
+
+
+def _proxy_ids(spec: RedirectSpec | None, pod: Pod, namespace: Mapping[str, Any] | None) -> set[int]:
+    """Every UID and GID the proxy may run as, generously: the spec's, the default proxy UID, the
+    IDs the proxy container has (its own, else the pod's), and OpenShift's first UID of the namespace (what a
+    container without runAsUser gets there). Being generous only costs the waiter another UID."""
+    taken = {DEFAULT_PROXY_UID}
+    if spec is not None:
+        taken |= {*spec.proxy_uids, *spec.proxy_gids}
+    taken |= _ids_of(proxy_container(pod) or {}, pod)
+    found = _uid_range(namespace)
+    if isinstance(found, tuple):
+        taken.add(found[0])
+    return taken
+
+
+def waiter_ids_for(
+    settings: WaiterSettings, pod: Pod, namespace: Mapping[str, Any] | None, taken: Collection[int]
+) -> tuple[int | None, int | None] | Denied:
+    """The waiter's runAsUser and runAsGroup (None: left to the platform), never one of ``taken``.
+
+    With ``--waiter-run-as-user N``: N for both, or the next ID up that is not the proxy's.
+    With ``none`` in a namespace with OpenShift's UID range: the first UID of the range after
+    its start (the start is what the platform gives the proxy and every container without
+    runAsUser) that is not the proxy's, for both; denied when the range has no such UID or is
+    malformed (the platform could not admit the pod either). With ``none`` elsewhere: unset, so
+    the platform decides, unless the pod's own securityContext, which the waiter inherits, names
+    a proxy ID: then denied, since the waiter could not prove the redirect.
+    """
+    if settings.run_as_user is not None:
+        uid = settings.run_as_user
+        while uid in taken:
+            uid += 1
+        return uid, uid
+    found = _uid_range(namespace)
+    if isinstance(found, str):
+        return Denied(f"cannot choose a UID for {names.WAITER_CONTAINER}: the namespace's {found}")
+    if found is not None:
+        first, last = found
+        uid = first + 1
+        while uid <= last and uid in taken:
+            uid += 1
+        if uid > last:
+            return Denied(
+                f"cannot choose a UID for {names.WAITER_CONTAINER}: the namespace's "
+                f"{ANN_OPENSHIFT_UID_RANGE} {first}-{last} has no UID besides its first and the proxy's"
+            )
+        return uid, uid
+    inherited = _ids_of({}, pod) & set(taken)
+    if inherited:
+        return Denied(
+            f"{names.WAITER_CONTAINER} would inherit the pod's securityContext ID "
+            f"{','.join(map(str, sorted(inherited)))}, the proxy's, and could then not prove the "
+            "redirect; give the pod other runAsUser/runAsGroup, or the webhook a --waiter-run-as-user"
+        )
+    return None, None
+
+
+def waiter_container(
+    settings: WaiterSettings, *, run_as: int | None, run_as_group: int | None
+) -> dict[str, Any]:
     args = [names.WAITER_SUBCOMMAND, "--file", names.ANNOTATIONS_FILE]
     if settings.timeout is not None:
         args += ["--timeout", f"{settings.timeout:g}"]
@@ -158,7 +258,8 @@ def waiter_container(settings: WaiterSettings, *, run_as: int | None) -> dict[st
     }
     if run_as is not None:
         security["runAsUser"] = run_as
-        security["runAsGroup"] = run_as
+    if run_as_group is not None:
+        security["runAsGroup"] = run_as_group
     container: dict[str, Any] = {
         "name": names.WAITER_CONTAINER,
         "image": settings.image,
@@ -173,6 +274,47 @@ def waiter_container(settings: WaiterSettings, *, run_as: int | None) -> dict[st
     return container
 
 
+def _default_pull_policy(image: str) -> str:
+    """The API server's default imagePullPolicy: Always for ``:latest`` or no tag, else IfNotPresent."""
+    if "@" in image:
+        return "IfNotPresent"
+    tag = image.rpartition("/")[2].partition(":")[2]
+    return "Always" if tag in ("", "latest") else "IfNotPresent"
+
+
+def is_our_waiter(container: Any, expected: Mapping[str, Any]) -> bool:
+    """Is ``container`` exactly ``expected``, up to what the API server fills in by default?"""
+    if not isinstance(container, Mapping):
+        return False
+    seen = dict(container)
+    if seen.get("terminationMessagePath") == DEFAULT_TERMINATION_MESSAGE_PATH:
+        del seen["terminationMessagePath"]
+    if "imagePullPolicy" not in expected and seen.get("imagePullPolicy") == _default_pull_policy(
+        str(expected["image"])
+    ):
+        del seen["imagePullPolicy"]
+    return seen == dict(expected)
+
+
+def is_our_volume(volume: Any) -> bool:
+    """Is ``volume`` exactly our downward API volume, up to the API server's defaults?"""
+    if not isinstance(volume, Mapping) or set(volume) != {"name", "downwardAPI"}:
+        return False
+    source = _mapping(volume.get("downwardAPI"))
+    if (
+        set(source) - {"items", "defaultMode"}
+        or source.get("defaultMode", DEFAULT_VOLUME_MODE) != DEFAULT_VOLUME_MODE
+    ):
+        return False
+    items = _list(source.get("items"))
+    if len(items) != 1 or not isinstance(items[0], Mapping) or set(items[0]) != {"path", "fieldRef"}:
+        return False
+    ref = dict(_mapping(items[0].get("fieldRef")))
+    if ref.get("apiVersion") == "v1":
+        del ref["apiVersion"]
+    return items[0].get("path") == names.PODINFO_ANNOTATIONS and ref == {"fieldPath": "metadata.annotations"}
+
+
 def podinfo_volume() -> dict[str, Any]:
     return {
         "name": names.PODINFO_VOLUME,
@@ -180,15 +322,6 @@ def podinfo_volume() -> dict[str, Any]:
             "items": [{"path": names.PODINFO_ANNOTATIONS, "fieldRef": {"fieldPath": "metadata.annotations"}}]
         },
     }
-
-
-def _waiter_uid(settings: WaiterSettings, taken: Collection[int]) -> int | None:
-    uid = settings.run_as_user
-    if uid is None:
-        return None
-    while uid in taken:
-        uid += 1
-    return uid
 
 
 def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSettings) -> Mutation:
@@ -227,6 +360,16 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
         except SpecError:
             spec = None  # admitted: the agent reports it on the pod, and it can be fixed in place
 
+    if _index_of(_list(spec_obj.get("containers")), names.WAITER_CONTAINER) is not None:
+        return Denied(
+            f"the container name {names.WAITER_CONTAINER} is reserved for the waiting init container "
+            "this webhook injects; please rename the application container"
+        )
+    ids = waiter_ids_for(settings, pod, namespace, _proxy_ids(spec, pod, namespace))
+    if isinstance(ids, Denied):
+        return ids
+    waiter = waiter_container(settings, run_as=ids[0], run_as_group=ids[1])
+
     ops: JsonPatch = []
     done: list[str] = []
     if args is not None and istio_init is not None:
@@ -242,22 +385,48 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
             )
         else:
             ops.append({"op": "add", "path": "/metadata/annotations", "value": {names.IPTABLES_ARGS: value}})
-        ops.append({"op": "remove", "path": f"/spec/initContainers/{istio_init}"})
         done.append(f"replaced {INIT_CONTAINER} (its arguments kept in {names.IPTABLES_ARGS})")
-    if _index_of(inits, names.WAITER_CONTAINER) is None:
-        waiter = waiter_container(settings, run_as=_waiter_uid(settings, _proxy_ids(spec)))
-        if isinstance(spec_obj.get("initContainers"), list):
-            ops.append({"op": "add", "path": "/spec/initContainers/0", "value": waiter})
-        else:
-            ops.append({"op": "add", "path": "/spec/initContainers", "value": [waiter]})
-        done.append(f"added {names.WAITER_CONTAINER} first")
-    volumes = spec_obj.get("volumes")
-    if _index_of(_list(volumes), names.PODINFO_VOLUME) is None:
-        if isinstance(volumes, list):
-            ops.append({"op": "add", "path": "/spec/volumes/-", "value": podinfo_volume()})
-        else:
-            ops.append({"op": "add", "path": "/spec/volumes", "value": [podinfo_volume()]})
-        done.append(f"added volume {names.PODINFO_VOLUME}")
+    ops += _init_container_ops(spec_obj.get("initContainers"), istio_init, waiter, done)
+    ops += _volume_ops(spec_obj.get("volumes"), done)
     if not ops:
         return Unchanged(f"already has {names.WAITER_CONTAINER}")
     return Patch(tuple(ops), "; ".join(done) + f" ({decision.reason})")
+
+
+def _init_container_ops(
+    inits: Any, istio_init: int | None, waiter: Mapping[str, Any], done: list[str]
+) -> JsonPatch:
+    """Remove istio-init and every impostor of the waiter, then put ours first (unless it is)."""
+    if not isinstance(inits, list):
+        done.append(f"added {names.WAITER_CONTAINER} first")
+        return [{"op": "add", "path": "/spec/initContainers", "value": [waiter]}]
+    keep = bool(inits) and is_our_waiter(inits[0], waiter)
+    named = [i for i, c in enumerate(inits) if _mapping(c).get("name") == names.WAITER_CONTAINER]
+    impostors = [i for i in named if not (keep and i == 0)]
+    gone = sorted({*impostors, *([istio_init] if istio_init is not None else [])}, reverse=True)
+    ops: JsonPatch = [{"op": "remove", "path": f"/spec/initContainers/{i}"} for i in gone]
+    if impostors:
+        done.append(f"replaced an {names.WAITER_CONTAINER} that was not ours")
+    if not keep:
+        ops.append({"op": "add", "path": "/spec/initContainers/0", "value": dict(waiter)})
+        if not impostors:
+            done.append(f"added {names.WAITER_CONTAINER} first")
+    return ops
+
+
+def _volume_ops(volumes: Any, done: list[str]) -> JsonPatch:
+    """Keep one podinfo volume that is exactly ours; remove any other of that name; add ours."""
+    if not isinstance(volumes, list):
+        done.append(f"added volume {names.PODINFO_VOLUME}")
+        return [{"op": "add", "path": "/spec/volumes", "value": [podinfo_volume()]}]
+    named = [i for i, v in enumerate(volumes) if _mapping(v).get("name") == names.PODINFO_VOLUME]
+    keep = next((i for i in named if is_our_volume(volumes[i])), None)
+    ops: JsonPatch = [
+        {"op": "remove", "path": f"/spec/volumes/{i}"} for i in sorted(named, reverse=True) if i != keep
+    ]
+    if keep is None:
+        ops.append({"op": "add", "path": "/spec/volumes/-", "value": podinfo_volume()})
+        done.append(f"{'replaced' if named else 'added'} volume {names.PODINFO_VOLUME}")
+    elif ops:
+        done.append(f"removed extra volumes named {names.PODINFO_VOLUME}")
+    return ops

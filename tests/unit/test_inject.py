@@ -23,7 +23,10 @@ from istio_pod_network_controller.inject import (
     Unchanged,
     WaiterSettings,
     mutate_pod,
+    podinfo_volume,
+    waiter_container,
 )
+from istio_pod_network_controller.probe import waiter_ids
 from istio_pod_network_controller.spec import spec_from_pod
 from istio_pod_network_controller.spec.manifest import load_pod
 
@@ -158,7 +161,7 @@ def test_the_waiter_never_runs_as_the_proxy() -> None:
     assert waiter["securityContext"]["runAsUser"] == 65534
 
 
-def test_openshift_leaves_the_uid_to_the_platform() -> None:
+def test_without_a_uid_range_none_leaves_the_ids_to_the_platform() -> None:
     waiter = patched(minimal_pod(), WaiterSettings(image="i", run_as_user=None))["spec"]["initContainers"][0]
     assert "runAsUser" not in waiter["securityContext"]
     assert "runAsGroup" not in waiter["securityContext"]
@@ -385,11 +388,9 @@ def test_any_pod_gets_an_answer_and_a_patch_that_applies_once(pod: dict[str, Any
     assert isinstance(mutation, Patch | Unchanged | Denied)
     if isinstance(mutation, Patch):
         after = apply_patch(pod, mutation.ops)
-        assert init_names(after).count(names.WAITER_CONTAINER) == max(
-            1, init_names(pod).count(names.WAITER_CONTAINER)
-        )
-        if names.WAITER_CONTAINER not in init_names(pod):
-            assert init_names(after)[0] == names.WAITER_CONTAINER
+        assert init_names(after).count(names.WAITER_CONTAINER) == 1
+        assert init_names(after)[0] == names.WAITER_CONTAINER
+        assert only_our_waiter_and_volume(after)
         assert "istio-init" not in init_names(after)
         assert mutate_pod(after, None, SETTINGS) == Unchanged(f"already has {names.WAITER_CONTAINER}")
 
@@ -399,3 +400,199 @@ def test_the_waiter_has_cpu_and_memory_limits_so_quotas_on_limits_admit_it() -> 
 
     assert set(WAITER_RESOURCES["limits"]) >= {"cpu", "memory"}
     assert set(WAITER_RESOURCES["requests"]) >= {"cpu", "memory"}
+
+
+# -- the webhook owns the waiter and its volume -------------------------------------------------------
+
+EXPECTED = waiter_container(SETTINGS, run_as=DEFAULT_WAITER_UID, run_as_group=DEFAULT_WAITER_UID)
+
+
+def only_our_waiter_and_volume(pod: dict[str, Any], waiter: dict[str, Any] = EXPECTED) -> bool:
+    inits = pod["spec"]["initContainers"]
+    named = [
+        v for v in pod["spec"]["volumes"] if isinstance(v, dict) and v.get("name") == names.PODINFO_VOLUME
+    ]
+    return (
+        inits[0] == waiter
+        and init_names(pod).count(names.WAITER_CONTAINER) == 1
+        and named == [podinfo_volume()]
+    )
+
+
+def _impostor(**changes: Any) -> dict[str, Any]:
+    fake = copy.deepcopy(EXPECTED)
+    for key, value in changes.items():
+        if value is None:
+            fake.pop(key, None)
+        else:
+            fake[key] = value
+    return fake
+
+
+IMPOSTORS = {
+    "another image": _impostor(image="evil.example/pass:1"),
+    "a command": _impostor(command=["sh", "-c", "exit 0"]),
+    "other args": _impostor(args=["init", "--file", "/tmp/fake-annotations"]),
+    "an environment": _impostor(env=[{"name": "PYTHONPATH", "value": "/etc/podinfo"}]),
+    "another mount": _impostor(volumeMounts=[{"name": "fake", "mountPath": names.PODINFO_PATH}]),
+    "a native sidecar": _impostor(restartPolicy="Always"),
+    "the proxy's UID": _impostor(securityContext={**EXPECTED["securityContext"], "runAsUser": 1337}),
+    "no security context": _impostor(securityContext=None),
+    "just a name": {"name": names.WAITER_CONTAINER},
+}
+
+
+@pytest.mark.parametrize("where", [0, 1, 3])
+@pytest.mark.parametrize("impostor", list(IMPOSTORS), ids=list(IMPOSTORS))
+@pytest.mark.parametrize("with_istio_init", [True, False], ids=["istio-init", "cni"])
+def test_a_pod_supplied_waiter_is_replaced_by_ours_placed_first(
+    impostor: str, where: int, with_istio_init: bool
+) -> None:
+    pod = minimal_pod(istio_init_args=["istio-iptables", "-p", "15001"] if with_istio_init else None)
+    inits = pod["spec"].setdefault("initContainers", [])
+    inits += [{"name": "setup"}, {"name": "migrate"}]
+    inits.insert(min(where, len(inits)), copy.deepcopy(IMPOSTORS[impostor]))
+    after = patched(pod)
+    assert only_our_waiter_and_volume(after)
+    assert init_names(after) == [names.WAITER_CONTAINER, "setup", "migrate"]
+    assert mutate_pod(after, None, SETTINGS) == Unchanged(f"already has {names.WAITER_CONTAINER}")
+
+
+def test_our_own_waiter_misplaced_by_another_webhook_is_put_first_again() -> None:
+    after = patched(minimal_pod())
+    after["spec"]["initContainers"].insert(0, {"name": "vault-agent-init"})
+    again = patched(after)
+    assert init_names(again) == [names.WAITER_CONTAINER, "vault-agent-init"]
+    assert only_our_waiter_and_volume(again)
+
+
+def test_our_waiter_and_volume_with_the_api_servers_defaults_are_left_alone() -> None:
+    after = patched(minimal_pod())
+    after["spec"]["initContainers"][0].update(
+        terminationMessagePath="/dev/termination-log", imagePullPolicy="IfNotPresent"
+    )
+    volume = next(v for v in after["spec"]["volumes"] if v["name"] == names.PODINFO_VOLUME)
+    volume["downwardAPI"]["defaultMode"] = 420
+    volume["downwardAPI"]["items"][0]["fieldRef"]["apiVersion"] = "v1"
+    assert mutate_pod(after, None, SETTINGS) == Unchanged(f"already has {names.WAITER_CONTAINER}")
+
+
+def test_a_pull_policy_the_api_server_would_not_default_to_is_not_ours() -> None:
+    after = patched(minimal_pod())
+    after["spec"]["initContainers"][0]["imagePullPolicy"] = (
+        "Never"  # registry.example/ipnc:1.0 defaults to IfNotPresent
+    )
+    assert only_our_waiter_and_volume(patched(after))
+
+
+def _downward(*items: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"name": names.PODINFO_VOLUME, "downwardAPI": {"items": list(items), **extra}}
+
+
+OUR_ITEM = {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}}
+FAKE_VOLUMES = {
+    "emptyDir": {"name": names.PODINFO_VOLUME, "emptyDir": {}},
+    "hostPath": {"name": names.PODINFO_VOLUME, "hostPath": {"path": "/var/fake-podinfo"}},
+    "configMap": {"name": names.PODINFO_VOLUME, "configMap": {"name": "fake-annotations"}},
+    "labels": _downward({"path": "annotations", "fieldRef": {"fieldPath": "metadata.labels"}}),
+    "extra item": _downward(OUR_ITEM, {"path": "x", "fieldRef": {"fieldPath": "metadata.name"}}),
+    "mode": _downward(OUR_ITEM, defaultMode=0o600),
+    "item mode": _downward({**OUR_ITEM, "mode": 0o600}),
+    "two sources": {**podinfo_volume(), "emptyDir": {}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("volume", list(FAKE_VOLUMES.values()), ids=list(FAKE_VOLUMES))
+def test_a_pod_supplied_podinfo_volume_is_replaced_by_ours(volume: dict[str, Any]) -> None:
+    pod = minimal_pod()
+    pod["spec"]["volumes"] = [{"name": "data", "emptyDir": {}}, volume, copy.deepcopy(volume)]
+    after = patched(pod)
+    assert only_our_waiter_and_volume(after)
+    assert after["spec"]["volumes"][0] == {"name": "data", "emptyDir": {}}
+    assert mutate_pod(after, None, SETTINGS) == Unchanged(f"already has {names.WAITER_CONTAINER}")
+
+
+def test_an_application_container_with_the_waiters_name_is_denied() -> None:
+    pod = minimal_pod()
+    pod["spec"]["containers"].append({"name": names.WAITER_CONTAINER, "image": "evil"})
+    mutation = mutate_pod(pod, None, SETTINGS)
+    assert isinstance(mutation, Denied)
+    assert mutation.message.startswith(f"the container name {names.WAITER_CONTAINER} is reserved")
+
+
+# -- the waiter's IDs are never the proxy's ------------------------------------------------------------
+
+
+def _ids(pod: dict[str, Any], namespace: dict[str, Any] | None = None,
+         settings: WaiterSettings = SETTINGS) -> tuple[int | None, int | None]:  # fmt: skip
+    mutation = mutate_pod(pod, namespace, settings)
+    assert isinstance(mutation, Patch), mutation
+    after = apply_patch(pod, mutation.ops)
+    security = after["spec"]["initContainers"][0]["securityContext"]
+    if "runAsUser" in security:  # what the webhook chose is what the agent sees
+        assert waiter_ids(after) == (security["runAsUser"], security["runAsGroup"])
+    return waiter_ids(after)
+
+
+def test_the_waiter_gid_is_never_a_proxy_gid() -> None:
+    assert _ids(minimal_pod(istio_init_args=["istio-iptables", "-u", "1337", "-g", "65532"])) == (
+        65533,
+        65533,
+    )
+    cni = minimal_pod()
+    cni["spec"]["containers"][1]["securityContext"] = {"runAsUser": 1337, "runAsGroup": 65532}
+    assert _ids(cni) == (65533, 65533)
+
+
+def test_a_proxy_inheriting_the_pods_ids_keeps_the_waiter_off_them() -> None:
+    pod = minimal_pod()
+    pod["spec"]["securityContext"] = {"runAsUser": 65532, "runAsGroup": 65533}
+    assert _ids(pod) == (65534, 65534)
+
+
+NONE = WaiterSettings(image="i", run_as_user=None)
+
+
+def openshift(uid_range: str) -> dict[str, Any]:
+    return {"metadata": {"name": "shop", "annotations": {"openshift.io/sa.scc.uid-range": uid_range}}}
+
+
+def test_openshift_gives_the_waiter_the_next_uid_of_the_namespace_range() -> None:
+    # The platform gives the proxy (no runAsUser) the range's first UID.
+    assert _ids(minimal_pod(), openshift("1000620000/10000"), NONE) == (1000620001, 1000620001)
+
+
+def test_openshift_skips_a_uid_the_proxy_was_given_explicitly() -> None:
+    pod = minimal_pod()
+    pod["spec"]["containers"][1]["securityContext"] = {"runAsUser": 1000620001}
+    assert _ids(pod, openshift("1000620000/10000"), NONE) == (1000620002, 1000620002)
+
+
+@pytest.mark.parametrize(
+    ("uid_range", "said"),
+    [
+        ("1000620000/1", "has no UID besides its first and the proxy's"),
+        ("1000620000-1000629999", "is not START/SIZE"),
+        ("0/10000", "is not a range of UIDs above 0"),
+        ("1000620000/", "is not START/SIZE"),
+    ],
+)
+def test_openshift_without_a_free_uid_in_the_range_is_denied(uid_range: str, said: str) -> None:
+    mutation = mutate_pod(minimal_pod(), openshift(uid_range), NONE)
+    assert isinstance(mutation, Denied)
+    assert mutation.message.startswith(f"cannot choose a UID for {names.WAITER_CONTAINER}: the namespace's")
+    assert said in mutation.message
+
+
+def test_without_a_range_a_pod_whose_ids_are_the_proxys_is_denied() -> None:
+    pod = minimal_pod()
+    pod["spec"]["containers"][1]["securityContext"] = {
+        "runAsUser": 1337,
+        "runAsGroup": 1337,
+    }  # as Istio injects
+    pod["spec"]["securityContext"] = {"runAsGroup": 1337}  # the waiter would inherit it
+    mutation = mutate_pod(pod, None, NONE)
+    assert isinstance(mutation, Denied)
+    assert "would inherit the pod's securityContext ID 1337, the proxy's" in mutation.message
+    pod["spec"]["securityContext"] = {"runAsUser": 1000}
+    assert _ids(pod, None, NONE) == (1000, None)  # not the proxy's: left to the pod and platform
