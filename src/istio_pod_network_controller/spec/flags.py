@@ -4,19 +4,22 @@ The same flag set serves three callers: ``rules`` and ``apply`` on the command l
 agent reading an injected istio-init's args (or the webhook's copy of them in an annotation).
 Flags Istio's injector passes that do not change the rules (logging, validation, dry-run) are
 accepted and ignored; any other unknown flag is an error, so a typo never silently changes what
-gets captured.
+gets captured. Arguments from a pod are read by ``spec.argv`` (argparse's meaning, linear cost)
+within the bounds of ``spec.limits``; the command line keeps argparse for its help text.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
+from ..bounded import utf8_size
 from . import values as v
-from .errors import SpecError
+from .argv import Option, OptionTable, read_options
+from .errors import SpecError, check_limit
+from .limits import MAX_ARG_BYTES, MAX_ARGS
 from .model import (
     DEFAULT_INBOUND_CAPTURE_PORT,
     DEFAULT_INBOUND_TUNNEL_PORT,
@@ -142,11 +145,16 @@ _BOOL_FLAGS = {n for f in FLAGS if f.boolean for n in f.names} | set(IGNORED_BOO
 _DEST_TO_NAME = {f.dest: f.names[0] for f in FLAGS}
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises instead of exiting, so errors reach the caller's one reporting path."""
+def _ignored_dest(name: str) -> str:
+    return "ignored_" + name.strip("-")
 
-    def error(self, message: str) -> NoReturn:
-        raise SpecError("arguments", "", message)
+
+# The same options add_redirect_flags gives argparse, for the linear reader.
+OPTIONS = OptionTable.of(
+    [Option(f.dest, f.names, takes_value=not f.boolean) for f in FLAGS]
+    + [Option(_ignored_dest(n), (n,), takes_value=True) for n in IGNORED_VALUE_FLAGS]
+    + [Option(_ignored_dest(n), (n,), takes_value=False) for n in (*IGNORED_BOOL_FLAGS, *IGNORED_SHORT_BOOL)]
+)
 
 
 def add_redirect_flags(parser: argparse.ArgumentParser) -> None:
@@ -157,11 +165,16 @@ def add_redirect_flags(parser: argparse.ArgumentParser) -> None:
         else:
             group.add_argument(*flag.names, dest=flag.dest, metavar="VALUE", default=None, help=flag.help)
     for name in IGNORED_VALUE_FLAGS:
-        group.add_argument(name, dest="ignored_" + name.strip("-"), default=None, help=argparse.SUPPRESS)
+        group.add_argument(name, dest=_ignored_dest(name), default=None, help=argparse.SUPPRESS)
     for name in (*IGNORED_BOOL_FLAGS, *IGNORED_SHORT_BOOL):
         group.add_argument(
-            name, dest="ignored_" + name.strip("-"), action="store_true", default=None, help=argparse.SUPPRESS
+            name, dest=_ignored_dest(name), action="store_true", default=None, help=argparse.SUPPRESS
         )
+
+
+def check_arg_count(field: str, argv: Sequence[object]) -> None:
+    """At most MAX_ARGS arguments: checked before any parsing (argparse's cost is quadratic)."""
+    check_limit(field, len(argv), "arguments", MAX_ARGS)
 
 
 def normalize_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, bool]]:
@@ -186,22 +199,16 @@ def normalize_argv(argv: Sequence[str]) -> tuple[list[str], dict[str, bool]]:
     return out, falses
 
 
-@functools.cache
-def _istio_iptables_parser() -> _Parser:
-    """Built once: parsing does not change an ArgumentParser, and building one costs ~0.2 ms."""
-    parser = _Parser(prog="istio-iptables", add_help=False, allow_abbrev=False)
-    add_redirect_flags(parser)
-    return parser
+def parse_flags(argv: Sequence[str], *, field: str = "istio-iptables") -> RedirectSpec:
+    """istio-iptables argv (without the program name) -> spec. Raises SpecError.
 
-
-def parse_flags(argv: Sequence[str]) -> RedirectSpec:
-    """istio-iptables argv (without the program name) -> spec. Raises SpecError."""
-    parser = _istio_iptables_parser()
+    Linear in the size of ``argv``; ``field`` names the input in a LimitError for its length."""
+    check_arg_count(field, argv)
     normalized, falses = normalize_argv(argv)
-    namespace, unknown = parser.parse_known_args(normalized)
-    if unknown:
-        raise SpecError(unknown[0], unknown[0], "unknown istio-iptables flag or stray argument")
-    return spec_from_args(namespace, falses=falses)
+    read = read_options(normalized, OPTIONS)
+    if read.extras:
+        raise SpecError(read.extras[0], read.extras[0], "unknown istio-iptables flag or stray argument")
+    return spec_from_args(argparse.Namespace(**read.values), falses=falses)
 
 
 def _text(ns: argparse.Namespace, dest: str) -> str | None:
@@ -215,7 +222,10 @@ def spec_from_args(ns: argparse.Namespace, *, falses: dict[str, bool] | None = N
 
     def text(dest: str, default: str = "") -> str:
         raw = _text(ns, dest)
-        return default if raw is None else raw
+        if raw is None:
+            return default
+        check_limit(name(dest), utf8_size(raw), "bytes", MAX_ARG_BYTES)
+        return raw
 
     def flag(dest: str) -> bool:
         names = next(f.names for f in FLAGS if f.dest == dest)
@@ -306,7 +316,7 @@ def owner_groups_from(include: str, exclude: str, *, include_field: str, exclude
         return OwnerGroups(except_=True, values=v.parse_groups(exclude_field, exclude))
     if v.WILDCARD in include:
         raise SpecError(include_field, include, "'*' stands alone: it cannot be mixed with groups")
-    if v.split_list(exclude):
+    if v.split_list(exclude_field, exclude):
         raise SpecError(
             exclude_field, exclude, f"set either {include_field} (a list) or {exclude_field}, not both"
         )

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .errors import SpecError
+from .errors import SpecError, check_limit
+from .limits import MAX_OWNER_GROUPS_INCLUDE
 from .values import Cidr, CidrSelection, DnsServer, PortSelection
 
 DEFAULT_PROXY_PORT = 15001
@@ -40,9 +41,6 @@ class OwnerGroups:
 
     except_: bool = True
     values: tuple[str, ...] = ()
-
-
-MAX_OWNER_GROUPS_INCLUDE = 64  # istio-iptables' limit: they become matches of a single rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,11 +82,9 @@ class RedirectSpec:
             raise SpecError("-t", self.tproxy_mark, f"{OUTBOUND_MARK} is the proxy's outbound mark")
         if self.tproxy_route_table in RESERVED_ROUTE_TABLES or not 0 < self.tproxy_route_table < 2**32:
             raise SpecError("-r", self.tproxy_route_table, "a route table is 1-4294967295, not 253-255")
-        if not self.owner_groups.except_ and len(self.owner_groups.values) > MAX_OWNER_GROUPS_INCLUDE:
-            raise SpecError(
-                "--owner-groups-include",
-                ",".join(self.owner_groups.values),
-                f"at most {MAX_OWNER_GROUPS_INCLUDE} groups",
+        if not self.owner_groups.except_:
+            check_limit(
+                "--owner-groups-include", len(self.owner_groups.values), "groups", MAX_OWNER_GROUPS_INCLUDE
             )
         if not self.proxy_uids or not self.proxy_gids:
             raise SpecError("-u", "", "at least one proxy UID and GID is needed")

@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..bounded import BoundedJsonError, loads_bounded, utf8_size
 from . import values as v
-from .errors import OutOfScope, SpecError
-from .flags import owner_groups_from, parse_flags
+from .errors import OutOfScope, SpecError, check_limit
+from .flags import check_arg_count, owner_groups_from, parse_flags
+from .limits import (
+    MAX_ANNOTATION_VALUE_BYTES,
+    MAX_IPTABLES_ARGS_ANNOTATION_BYTES,
+    MAX_IPTABLES_ARGS_DEPTH,
+)
 from .model import DEFAULT_PROXY_UID, InterceptionMode, RedirectSpec
 
 PROXY_CONTAINER = "istio-proxy"
@@ -161,16 +166,26 @@ def spec_from_pod(pod: Obj, namespace: Obj | None = None) -> RedirectSpec:
 
 
 def _args_from_annotation(text: str) -> list[str]:
+    """The annotation's JSON list of strings; its size is checked before it is decoded, and a
+    list nested in it is refused before decoding too (the decoder then never recurses)."""
+    check_limit(ANN_IPTABLES_ARGS, utf8_size(text), "bytes", MAX_IPTABLES_ARGS_ANNOTATION_BYTES)
     try:
-        args = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SpecError(ANN_IPTABLES_ARGS, text, f"not a JSON list of strings: {exc.msg}") from None
+        args = loads_bounded(
+            text,
+            max_bytes=MAX_IPTABLES_ARGS_ANNOTATION_BYTES,
+            max_depth=MAX_IPTABLES_ARGS_DEPTH,
+            what="the value",
+        )
+    except BoundedJsonError as exc:
+        raise SpecError(ANN_IPTABLES_ARGS, text, f"not a JSON list of strings: {exc}") from None
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
         raise SpecError(ANN_IPTABLES_ARGS, text, "not a JSON list of strings")
     return args
 
 
 def _from_istio_iptables_args(args: Sequence[str], *, where: str, env: Mapping[str, str]) -> RedirectSpec:
+    """The spec istio-iptables would build from ``args`` (the program name first, or not)."""
+    check_arg_count(where, args)
     args = list(args)
     if args and args[0] == ISTIO_IPTABLES:
         args = args[1:]
@@ -184,7 +199,7 @@ def _from_istio_iptables_args(args: Sequence[str], *, where: str, env: Mapping[s
                 spec, drop_invalid=v.parse_bool(ENV_INVALID_DROP, env[ENV_INVALID_DROP])
             )
     except SpecError as exc:
-        raise SpecError(f"{where}: {exc.field}", exc.value, exc.reason) from None
+        raise exc.within(where) from None
     if spec.redirect_dns and not spec.capture_all_dns and not (spec.dns_servers_v4 or spec.dns_servers_v6):
         # istio-iptables would read the pod's /etc/resolv.conf, which the node agent cannot see:
         # capture all port-53 traffic instead, as Istio's CNI plugin does.
@@ -211,13 +226,16 @@ def _openshift_uid_range_start(namespace: Obj | None) -> int | None:
     raw = annotations_of(namespace).get(ANN_OPENSHIFT_UID_RANGE)
     if raw is None:
         return None
+    check_limit(ANN_OPENSHIFT_UID_RANGE, utf8_size(raw), "bytes", MAX_ANNOTATION_VALUE_BYTES)
     start, _, _ = raw.partition("/")
     return v.parse_int(ANN_OPENSHIFT_UID_RANGE, start, low=1, high=v.MAX_ID, what="a UID")
 
 
 def _from_cni_semantics(pod: Obj, proxy: Obj, ann: Mapping[str, str], namespace: Obj | None) -> RedirectSpec:
     def get(key: str, default: str) -> str:
-        return ann.get(key, default)
+        value = ann.get(key, default)
+        check_limit(key, utf8_size(value), "bytes", MAX_ANNOTATION_VALUE_BYTES)
+        return value
 
     mode_text = get(ANN_INTERCEPTION_MODE, "REDIRECT")
     try:
@@ -236,7 +254,7 @@ def _from_cni_semantics(pod: Obj, proxy: Obj, ann: Mapping[str, str], namespace:
     excluded_inbound = tuple(dict.fromkeys((*excluded_inbound, *ALWAYS_EXCLUDED_INBOUND)))
 
     if ANN_REROUTE_VIRTUAL_INTERFACES in ann:
-        virtual = v.parse_interfaces(ANN_REROUTE_VIRTUAL_INTERFACES, ann[ANN_REROUTE_VIRTUAL_INTERFACES])
+        virtual = v.parse_interfaces(ANN_REROUTE_VIRTUAL_INTERFACES, get(ANN_REROUTE_VIRTUAL_INTERFACES, ""))
     else:
         virtual = v.parse_interfaces(ANN_KUBEVIRT_INTERFACES, get(ANN_KUBEVIRT_INTERFACES, ""))
 

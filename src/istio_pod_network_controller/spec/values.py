@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import SpecError
+from .errors import SpecError, check_limit
+from .limits import MAX_LIST_ITEMS
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -26,9 +27,12 @@ MAX_ID = 2**32 - 2  # (uid_t)-1 is "no user"
 WILDCARD = "*"
 
 
-def split_list(text: str) -> list[str]:
-    """Comma list as istio-iptables reads it: empty items dropped; items stripped of spaces."""
-    return [item.strip() for item in text.split(",") if item.strip()]
+def split_list(field: str, text: str, *, strip: str | None = None) -> list[str]:
+    """Comma list as istio-iptables reads it: empty items dropped; items stripped of ``strip``
+    (whitespace by default). At most MAX_LIST_ITEMS items."""
+    items = [stripped for item in text.split(",") if (stripped := item.strip(strip))]
+    check_limit(field, len(items), "items", MAX_LIST_ITEMS)
+    return items
 
 
 def parse_int(field: str, text: str, *, low: int, high: int, what: str) -> int:
@@ -48,7 +52,7 @@ def parse_port(field: str, text: str) -> int:
 def parse_ports(field: str, text: str) -> tuple[int, ...]:
     """A comma list of ports, duplicates removed (first occurrence kept)."""
     seen: dict[int, None] = {}
-    for item in split_list(text):
+    for item in split_list(field, text):
         seen.setdefault(parse_port(field, item), None)
     return tuple(seen)
 
@@ -113,7 +117,7 @@ def parse_cidrs(field: str, text: str) -> tuple[Cidr, ...]:
     if WILDCARD in text:
         raise SpecError(field, text, "'*' is not allowed here: list the CIDRs")
     seen: dict[Cidr, None] = {}
-    for item in split_list(text):
+    for item in split_list(field, text):
         seen.setdefault(parse_cidr(field, item), None)
     return tuple(seen)
 
@@ -141,10 +145,7 @@ def parse_cidr_selection(field: str, text: str) -> CidrSelection:
 
 def parse_interfaces(field: str, text: str) -> tuple[str, ...]:
     names: dict[str, None] = {}
-    for raw in text.split(","):
-        name = raw.strip(" ")
-        if not name:
-            continue
+    for name in split_list(field, text, strip=" "):
         if len(name) > MAX_INTERFACE_LEN:
             raise SpecError(field, name, f"an interface name has at most {MAX_INTERFACE_LEN} characters")
         if not _INTERFACE.fullmatch(name):
@@ -157,7 +158,7 @@ def parse_interfaces(field: str, text: str) -> tuple[str, ...]:
 
 def parse_ids(field: str, text: str, *, what: str) -> tuple[int, ...]:
     ids: dict[int, None] = {}
-    for item in split_list(text):
+    for item in split_list(field, text):
         ids.setdefault(parse_int(field, item, low=0, high=MAX_ID, what=what), None)
     if not ids:
         raise SpecError(field, text, f"at least one {what} is needed")
@@ -168,7 +169,7 @@ def parse_groups(field: str, text: str) -> tuple[str, ...]:
     """Owner groups: numeric GIDs or POSIX group names (numbers are preferred: names resolve
     in the node agent's /etc/group, not the pod's)."""
     groups: dict[str, None] = {}
-    for item in split_list(text):
+    for item in split_list(field, text):
         if _DIGITS.fullmatch(item):
             groups.setdefault(str(parse_int(field, item, low=0, high=MAX_ID, what="a GID")), None)
         elif _GROUP_NAME.fullmatch(item):
@@ -193,7 +194,7 @@ class DnsServer:
 
 def parse_dns_servers(field: str, text: str, *, version: Literal[4, 6]) -> tuple[DnsServer, ...]:
     servers: dict[DnsServer, None] = {}
-    for item in split_list(text):
+    for item in split_list(field, text):
         if not _ADDRESS_CHARS.fullmatch(item):
             raise SpecError(field, item, "not an IP address")
         try:
