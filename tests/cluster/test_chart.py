@@ -8,7 +8,8 @@
 4. ``helm lint`` is clean; the schema rejects bad values with a message naming key and value.
 
 The session's control plane is shared with other tests, so no MutatingWebhookConfiguration with
-failurePolicy Fail outlives the test that applied it.
+failurePolicy Fail, and no mark policy (which refuses other tests' agents), outlives the test that
+applied it. What the mark policy admits and refuses is shown in test_mark_policy.py.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ AGENT_SA = "istio-pod-network-controller-agent"
 WEBHOOK_SA = "istio-pod-network-controller-webhook"
 SCC_NAME = "istio-pod-network-controller-agent"
 MWC_NAME = "istio-pod-network-controller"
+MARK_POLICY = "istio-pod-network-controller-mark"
 
 
 def announcement_argv(distribution: str) -> list[str]:
@@ -115,7 +117,8 @@ def apply_and_fetch(control_plane: ControlPlane, manifest: str) -> list[dict[str
 def applied(control_plane: ControlPlane, shared_dir: Path) -> Iterator[dict[str, list[dict[str, Any]]]]:
     """The announcement's command for Kubernetes, then for OpenShift, applied to the API server:
     the rendered objects and the server's copies, by distribution. The webhook configuration is
-    removed again at once (nothing serves it here, and it would reject other tests' pods)."""
+    removed again at once (nothing serves it here, and it would reject other tests' pods), and so
+    is the mark policy (it would refuse other tests' agents, which run under other ServiceAccounts)."""
     out: dict[str, list[dict[str, Any]]] = {}
     try:
         for distribution in ("Kubernetes", "OpenShift"):
@@ -129,6 +132,7 @@ def applied(control_plane: ControlPlane, shared_dir: Path) -> Iterator[dict[str,
             assert "error" not in again.stderr.lower(), again.stderr
     finally:
         control_plane.kubectl("delete", "mutatingwebhookconfiguration", MWC_NAME, "--ignore-not-found")
+        chart.remove_mark_policy(control_plane, MARK_POLICY)
     yield out
 
 
@@ -153,6 +157,8 @@ def test_announcement_command_every_object_accepted(
         "DaemonSet",
         "Deployment",
         "MutatingWebhookConfiguration",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     }
     if distribution == "OpenShift":
         expected |= {"SecurityContextConstraints", "RoleBinding"}
@@ -635,6 +641,7 @@ def test_helm_install_upgrade_keeps_certificate_and_uninstall(
         assert ca_bundles() == {before}
     finally:
         chart.helm("uninstall", "ipnc", "-n", namespace, kubeconfig=kubeconfig, check=False)
+        chart.remove_mark_policy(control_plane, chart.mark_policy_name(fullname))
     gone = control_plane.kubectl("get", "mutatingwebhookconfiguration", fullname, check=False)
     assert gone.returncode != 0 and "NotFound" in gone.stderr
 
@@ -651,6 +658,8 @@ def test_helm_install_upgrade_keeps_certificate_and_uninstall(
         ["webhook.certManager.enabled=true"],
         ["webhook.enabled=false"],
         ["metrics.serviceMonitor.enabled=true", "webhook.failurePolicy=Ignore"],
+        ["markProtection.enabled=false"],
+        ["kubernetesDistribution=OpenShift", "markProtection.enabled=false"],
     ],
     ids=lambda settings: ",".join(settings),
 )
@@ -694,6 +703,8 @@ def test_helm_lint_is_clean(settings: list[str]) -> None:
         ("webhook.certManager.duration=1year", "at '/webhook/certManager/duration': '1year' does not match"),
         ("agent.worker=4", "at '/agent': additional properties 'worker' not allowed"),
         ("kubernetesDistrib=OpenShift", "additional properties 'kubernetesDistrib' not allowed"),
+        ("markProtection.enabled=maybe", "at '/markProtection/enabled': got string, want boolean"),
+        ("markProtection.enable=false", "at '/markProtection': additional properties 'enable' not allowed"),
     ],
 )
 def test_schema_rejects_bad_values_naming_them(setting: str, expected: str) -> None:
@@ -770,6 +781,8 @@ def test_every_template_names_the_release_namespace() -> None:
         "ClusterRole",
         "ClusterRoleBinding",
         "MutatingWebhookConfiguration",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
         "SecurityContextConstraints",
     }
     for obj in objects:
@@ -852,12 +865,15 @@ def test_rendered_command_lines_parse_with_the_real_parsers(distribution: str) -
 
 def test_webhook_disabled_renders_agent_only() -> None:
     objects = chart.parse(chart.template(RELEASE_NS, {"webhook.enabled": False}))
+    # The mark policy stays: it protects the agent's mark whoever injects the waiter.
     assert {o["kind"] for o in objects} == {
         "Namespace",
         "ServiceAccount",
         "ClusterRole",
         "ClusterRoleBinding",
         "DaemonSet",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     }
     assert [o["metadata"]["name"] for o in by_kind(objects, "ServiceAccount")] == [AGENT_SA]
 
@@ -905,3 +921,53 @@ def test_tuned_values_reach_the_pods() -> None:
     (hook,) = one(objects, "MutatingWebhookConfiguration")["webhooks"]
     assert hook["name"] == "namespaces.istio-pod-network-controller.io"
     assert {"key": "team", "operator": "Exists"} in hook["namespaceSelector"]["matchExpressions"]
+
+
+@pytest.mark.parametrize("distribution", ["Kubernetes", "OpenShift"])
+def test_mark_policy_rendering(distribution: str) -> None:
+    """Both distributions render the policy and its binding: only the release's agent may write the
+    mark, in every namespace but the excluded ones; failurePolicy Fail."""
+    values = {"excludedNamespaces[0]": "kube-system", "excludedNamespaces[1]": "batch"}
+    objects = chart.parse(chart.template("elsewhere", values, distribution=distribution))
+    policy = one(objects, "ValidatingAdmissionPolicy", MARK_POLICY)
+    binding = one(objects, "ValidatingAdmissionPolicyBinding", MARK_POLICY)
+    assert policy["apiVersion"] == binding["apiVersion"] == "admissionregistration.k8s.io/v1"
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    matched = {
+        (operation, resource)
+        for rule in spec["matchConstraints"]["resourceRules"]
+        for operation in rule["operations"]
+        for resource in rule["resources"]
+    }
+    # Every way into a pod's annotations: the pod, its status, a Binding.
+    assert {("UPDATE", "pods"), ("UPDATE", "pods/status"), ("CREATE", "pods")} <= matched
+    assert {("CREATE", "pods/binding"), ("CREATE", "bindings")} <= matched
+    agent = f"system:serviceaccount:elsewhere:{AGENT_SA}"
+    assert [v for v in spec["validations"] if agent in v["expression"]]
+    for validation in spec["validations"]:
+        assert validation["reason"] == "Forbidden"
+        message = validation.get("messageExpression", "") + validation["message"]
+        assert "pod-network-controller.istio.io/" in message
+    assert binding["spec"]["policyName"] == MARK_POLICY
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"] == [
+        {
+            "key": "kubernetes.io/metadata.name",
+            "operator": "NotIn",
+            "values": ["kube-system", "batch", "elsewhere"],
+        }
+    ]
+
+
+def test_mark_protection_off_renders_no_policy_and_old_clusters_need_it_off() -> None:
+    off = chart.parse(chart.template(RELEASE_NS, {"markProtection.enabled": False}))
+    assert not [o for o in off if o["kind"] in chart.MARK_POLICY_KINDS]
+    assert by_kind(off, "DaemonSet")
+    # A cluster without admissionregistration.k8s.io/v1 policies: a message saying what to do.
+    old = chart.helm("template", "--kube-version", "1.29.4", str(chart.chart_dir()), check=False)
+    assert old.returncode != 0
+    assert "needs Kubernetes 1.30 or later" in old.stderr
+    assert "set markProtection.enabled=false" in old.stderr
+    args = ["template", "--kube-version", "1.29.4", "--set", "markProtection.enabled=false"]
+    assert chart.helm(*args, str(chart.chart_dir())).returncode == 0

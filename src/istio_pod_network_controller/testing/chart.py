@@ -15,15 +15,24 @@ writes a kubeconfig holding a TokenRequest token of the agent's ServiceAccount.
 Cluster-scoped names (ClusterRole, ClusterRoleBinding) carry the chart's fullname; the helpers give
 each namespace its own (``ipnc-<namespace>``) so that tests in different namespaces of one session
 control plane do not rebind each other's ServiceAccounts.
+
+The chart's mark policy (a ValidatingAdmissionPolicy) is not applied by ``apply_rbac``: it refuses
+every change of the agent's annotations by anyone but one ServiceAccount, which other tests of the
+same control plane do not expect. ``mark_policy`` applies it for the length of a ``with`` block and
+waits, by probing, until the API server enforces it (and, on leaving, until it no longer does).
+``tenant_kubeconfig`` gives a tenant's token: a ServiceAccount bound to the built-in ``edit``
+ClusterRole in one namespace.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,6 +49,12 @@ if TYPE_CHECKING:
 CHART_NAME = "istio-pod-network-controller"
 RBAC_KINDS = frozenset({"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
 RBAC_WAIT_SECONDS = 15.0
+MARK_POLICY_KINDS = frozenset({"ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"})
+# The API server loads admission policies from an informer, refreshed about once a second: a policy
+# just created (or deleted) takes a moment to be enforced (or to stop being).
+MARK_POLICY_WAIT_SECONDS = 30.0
+# A namespace every control plane has and no rendering of the chart excludes by default.
+PROBE_NAMESPACE = "default"
 
 
 class ChartError(RuntimeError):
@@ -250,3 +265,177 @@ def agent_kubeconfig(
     folder. Applies the chart's ServiceAccounts and RBAC first (idempotent)."""
     accounts = apply_rbac(control_plane, namespace, fullname=fullname, distribution=distribution)
     return control_plane.write_service_account_kubeconfig(namespace, accounts.agent, path, create=False)
+
+
+# --------------------------------------------------------------------------------------------
+# the mark policy
+
+
+def mark_policy_name(fullname: str = CHART_NAME) -> str:
+    """The name of the chart's ValidatingAdmissionPolicy (and of its binding)."""
+    return f"{fullname}-mark"
+
+
+def probe_mark_policy(
+    control_plane: ControlPlane, policy: str, *, namespace: str = PROBE_NAMESPACE
+) -> str | None:
+    """The message with which policy ``policy`` refuses the admin a pod carrying the agent's status
+    annotation (a server-side dry run: nothing is created), or None when that policy did not
+    refuse it."""
+    from lightkube import ApiError
+    from lightkube.models.core_v1 import Container, PodSpec
+    from lightkube.models.meta_v1 import ObjectMeta
+    from lightkube.resources.core_v1 import Pod
+
+    from .. import names
+
+    probe = Pod(
+        metadata=ObjectMeta(
+            generateName="mark-policy-probe-",
+            namespace=namespace,
+            annotations={names.STATUS: names.STATUS_INITIALIZED},
+        ),
+        spec=PodSpec(containers=[Container(name="probe", image="example.invalid/probe:1")]),
+    )
+    with control_plane.client() as client:
+        try:
+            client.create(probe, dry_run=True)
+        except ApiError as e:
+            message = e.status.message or ""
+            if f"ValidatingAdmissionPolicy '{policy}'" in message:
+                return message
+    return None
+
+
+def wait_mark_policy(
+    control_plane: ControlPlane,
+    policy: str,
+    *,
+    enforced: bool,
+    namespace: str = PROBE_NAMESPACE,
+    timeout: float = MARK_POLICY_WAIT_SECONDS,
+) -> None:
+    """Probe until the API server enforces policy ``policy`` (``enforced``) or no longer does."""
+    deadline = time.monotonic() + timeout
+    while (probe_mark_policy(control_plane, policy, namespace=namespace) is not None) != enforced:
+        if time.monotonic() > deadline:
+            state = "enforced" if enforced else "still enforced"
+            raise ChartError(f"ValidatingAdmissionPolicy {policy} not {state} after {timeout} s")
+        time.sleep(0.2)
+
+
+def remove_mark_policy(control_plane: ControlPlane, policy: str) -> None:
+    """Delete the policy and its binding (if there) and wait until the API server stops enforcing
+    it, so that the next test of the same control plane is not refused by a stale copy."""
+    for kind in ("validatingadmissionpolicybinding", "validatingadmissionpolicy"):
+        control_plane.kubectl("delete", kind, policy, "--ignore-not-found", check=False)
+    wait_mark_policy(control_plane, policy, enforced=False)
+
+
+@contextlib.contextmanager
+def mark_policy(
+    control_plane: ControlPlane,
+    namespace: str,
+    *,
+    fullname: str | None = None,
+    values: Mapping[str, str | int | bool] | None = None,
+) -> Iterator[str]:
+    """The chart's mark policy as rendered for release namespace ``namespace``, applied and
+    enforced inside the ``with`` block (yields its name), removed again afterwards."""
+    fullname = fullname or fullname_for(namespace)
+    objects = parse(template(namespace, {"fullnameOverride": fullname, **(values or {})}))
+    policy = [o for o in objects if o.get("kind") in MARK_POLICY_KINDS]
+    if len(policy) != 2:
+        raise ChartError(f"the chart rendered {len(policy)} mark policy objects, expected 2")
+    name = mark_policy_name(fullname)
+    try:
+        apply(control_plane, policy)
+        wait_mark_policy(control_plane, name, enforced=True)
+        yield name
+    finally:
+        remove_mark_policy(control_plane, name)
+
+
+# --------------------------------------------------------------------------------------------
+# a tenant
+
+
+AGGREGATED_ROLES = ("view", "edit", "admin")
+
+
+def aggregate_cluster_roles(control_plane: ControlPlane) -> None:
+    """Fill the rules of the built-in aggregated ClusterRoles (view, edit, admin) from the roles
+    their selectors pick, as the controller-manager's aggregation controller does (the test
+    control plane runs none, so the API server leaves them empty). Repeated until nothing changes,
+    because edit aggregates view and admin aggregates edit."""
+
+    def rules_key(rule: Mapping[str, Any]) -> str:
+        return json.dumps(rule, sort_keys=True)
+
+    for _ in range(len(AGGREGATED_ROLES) + 1):
+        listed = json.loads(control_plane.kubectl("get", "clusterroles", "-o", "json").stdout)["items"]
+        changed = False
+        for role in listed:
+            if role["metadata"]["name"] not in AGGREGATED_ROLES or not role.get("aggregationRule"):
+                continue
+            wanted: dict[str, Any] = {}
+            for selector in role["aggregationRule"]["clusterRoleSelectors"]:
+                labels = selector.get("matchLabels", {})
+                for other in listed:
+                    if other is role:
+                        continue
+                    have = other["metadata"].get("labels") or {}
+                    if all(have.get(k) == v for k, v in labels.items()):
+                        for rule in other.get("rules") or []:
+                            wanted.setdefault(rules_key(rule), rule)
+            current = {rules_key(r) for r in role.get("rules") or []}
+            if set(wanted) - current:
+                patch = {
+                    "rules": [*(role.get("rules") or []), *(r for k, r in wanted.items() if k not in current)]
+                }
+                control_plane.kubectl(
+                    "patch", "clusterrole", role["metadata"]["name"], "--type=merge", "-p", json.dumps(patch)
+                )
+                changed = True
+        if not changed:
+            return
+    raise ChartError("the aggregated ClusterRoles did not settle")
+
+
+def tenant_kubeconfig(
+    control_plane: ControlPlane,
+    namespace: str,
+    *,
+    name: str = "tenant",
+    cluster_role: str = "edit",
+    path: Path | None = None,
+) -> Path:
+    """A kubeconfig for ServiceAccount ``namespace/name``, bound to the built-in ClusterRole
+    ``cluster_role`` in ``namespace`` only (a RoleBinding): what a namespace's developers usually
+    get. Returns once the authorizer lets it patch pods there."""
+    from lightkube import ApiError
+    from lightkube.models.meta_v1 import ObjectMeta
+    from lightkube.models.rbac_v1 import RoleRef, Subject
+    from lightkube.resources.rbac_authorization_v1 import RoleBinding
+
+    aggregate_cluster_roles(control_plane)
+    with control_plane.client() as client:
+        binding = RoleBinding(
+            metadata=ObjectMeta(name=f"{name}-{cluster_role}", namespace=namespace),
+            roleRef=RoleRef(apiGroup="rbac.authorization.k8s.io", kind="ClusterRole", name=cluster_role),
+            subjects=[Subject(kind="ServiceAccount", name=name, namespace=namespace)],
+        )
+        try:
+            client.create(binding)
+        except ApiError as e:
+            if e.status.code != 409:
+                raise
+    kubeconfig = control_plane.write_service_account_kubeconfig(namespace, name, path)
+    deadline = time.monotonic() + RBAC_WAIT_SECONDS
+    with control_plane.client() as client:
+        while not can(client, namespace, name, "patch", "pods", in_namespace=namespace):
+            if time.monotonic() > deadline:
+                user = f"system:serviceaccount:{namespace}:{name}"
+                raise ChartError(f"RBAC for {user} not in effect after {RBAC_WAIT_SECONDS} s")
+            time.sleep(0.1)
+    return kubeconfig
