@@ -282,8 +282,13 @@ def _default_pull_policy(image: str) -> str:
     return "Always" if tag in ("", "latest") else "IfNotPresent"
 
 
-def is_our_waiter(container: Any, expected: Mapping[str, Any]) -> bool:
-    """Is ``container`` exactly ``expected``, up to what the API server fills in by default?"""
+def is_our_waiter(container: Any, expected: Mapping[str, Any], *, taken: Collection[int] = ()) -> bool:
+    """Is ``container`` exactly ``expected``, up to what the API server fills in by default?
+
+    Where ``expected`` leaves runAsUser or runAsGroup to the platform, any such ID that is not in
+    ``taken`` (the proxy's) is the platform's choice, or one an earlier call made knowing the
+    namespace's UID range, which a later call may not be shown: accepted too.
+    """
     if not isinstance(container, Mapping):
         return False
     seen = dict(container)
@@ -293,6 +298,15 @@ def is_our_waiter(container: Any, expected: Mapping[str, Any]) -> bool:
         str(expected["image"])
     ):
         del seen["imagePullPolicy"]
+    wanted = _mapping(expected.get("securityContext"))
+    security = seen.get("securityContext")
+    if isinstance(security, Mapping):
+        security = dict(security)
+        for key in ("runAsUser", "runAsGroup"):
+            value = security.get(key)
+            if key not in wanted and type(value) is int and 0 < value <= MAX_ID and value not in taken:
+                del security[key]
+        seen["securityContext"] = security
     return seen == dict(expected)
 
 
@@ -365,7 +379,8 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
             f"the container name {names.WAITER_CONTAINER} is reserved for the waiting init container "
             "this webhook injects; please rename the application container"
         )
-    ids = waiter_ids_for(settings, pod, namespace, _proxy_ids(spec, pod, namespace))
+    taken = _proxy_ids(spec, pod, namespace)
+    ids = waiter_ids_for(settings, pod, namespace, taken)
     if isinstance(ids, Denied):
         return ids
     waiter = waiter_container(settings, run_as=ids[0], run_as_group=ids[1])
@@ -386,7 +401,7 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
         else:
             ops.append({"op": "add", "path": "/metadata/annotations", "value": {names.IPTABLES_ARGS: value}})
         done.append(f"replaced {INIT_CONTAINER} (its arguments kept in {names.IPTABLES_ARGS})")
-    ops += _init_container_ops(spec_obj.get("initContainers"), istio_init, waiter, done)
+    ops += _init_container_ops(spec_obj.get("initContainers"), istio_init, waiter, taken, done)
     ops += _volume_ops(spec_obj.get("volumes"), done)
     if not ops:
         return Unchanged(f"already has {names.WAITER_CONTAINER}")
@@ -394,13 +409,13 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
 
 
 def _init_container_ops(
-    inits: Any, istio_init: int | None, waiter: Mapping[str, Any], done: list[str]
+    inits: Any, istio_init: int | None, waiter: Mapping[str, Any], taken: Collection[int], done: list[str]
 ) -> JsonPatch:
     """Remove istio-init and every impostor of the waiter, then put ours first (unless it is)."""
     if not isinstance(inits, list):
         done.append(f"added {names.WAITER_CONTAINER} first")
         return [{"op": "add", "path": "/spec/initContainers", "value": [waiter]}]
-    keep = bool(inits) and is_our_waiter(inits[0], waiter)
+    keep = bool(inits) and is_our_waiter(inits[0], waiter, taken=taken)
     named = [i for i, c in enumerate(inits) if _mapping(c).get("name") == names.WAITER_CONTAINER]
     impostors = [i for i in named if not (keep and i == 0)]
     gone = sorted({*impostors, *([istio_init] if istio_init is not None else [])}, reverse=True)

@@ -596,3 +596,28 @@ def test_without_a_range_a_pod_whose_ids_are_the_proxys_is_denied() -> None:
     assert "would inherit the pod's securityContext ID 1337, the proxy's" in mutation.message
     pod["spec"]["securityContext"] = {"runAsUser": 1000}
     assert _ids(pod, None, NONE) == (1000, None)  # not the proxy's: left to the pod and platform
+
+
+def test_a_second_call_that_is_not_shown_the_namespace_keeps_the_uid_the_first_chose() -> None:
+    # The webhook reads the namespace only when its opt-in matters; on the second call the waiter
+    # itself opts the pod in, so the range is not known then.
+    pod = minimal_pod()
+    del pod["metadata"]["annotations"]
+    namespace = openshift("1000620000/10000")
+    namespace["metadata"]["labels"] = OPT_IN
+    first = mutate_pod(pod, namespace, NONE)
+    assert isinstance(first, Patch)
+    after = apply_patch(pod, first.ops)
+    assert waiter_ids(after) == (1000620001, 1000620001)
+    assert mutate_pod(after, {"metadata": {"name": "shop"}}, NONE) == Unchanged(
+        f"already has {names.WAITER_CONTAINER}"
+    )
+
+
+def test_a_platform_uid_on_the_waiter_is_kept_but_never_the_proxys() -> None:
+    after = patched(minimal_pod(), NONE)
+    after["spec"]["initContainers"][0]["securityContext"]["runAsUser"] = 1000620003  # as an SCC sets it
+    assert mutate_pod(after, None, NONE) == Unchanged(f"already has {names.WAITER_CONTAINER}")
+    after["spec"]["initContainers"][0]["securityContext"]["runAsUser"] = 1337
+    again = patched(after, NONE)
+    assert "runAsUser" not in again["spec"]["initContainers"][0]["securityContext"]
