@@ -24,13 +24,23 @@ from typing import Any, TypeVar
 from . import names
 from .cluster.api import Api
 from .cluster.reflector import Reflector, cancel_all, name_key, uid_key
-from .cluster.report import PodGone, PodRef, Reporter, now_rfc3339, read_detail, read_status, status_patch
+from .cluster.report import (
+    EventRecorder,
+    EventType,
+    PodGone,
+    PodRef,
+    Reporter,
+    now_rfc3339,
+    read_detail,
+    read_status,
+    status_patch,
+)
 from .decide import DEFAULT_EXCLUDED_NAMESPACES, decide
 from .node import locate
 from .node.apply import Applier, ApplyResult
 from .node.errors import LocateError, NodeError
 from .node.netns import Netns, NetnsId, netns_id_of
-from .observe import Metrics
+from .observe import Metrics, ReconcileResult
 from .render import Ruleset, render
 from .spec import OutOfScope, RedirectSpec, SpecError, parse_flags, spec_from_pod
 from .spec.canonical import to_args
@@ -38,13 +48,16 @@ from .workqueue import ShutDown, WorkQueue
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_PENDING_EVENTS = 1000  # Events being posted at once; more are dropped (and counted)
 
 
 class Outcome(enum.Enum):
     DONE = "done"  # nothing more to do until the pod changes
     RETRY = "retry"  # try again with backoff
 
+    @property
+    def result(self) -> ReconcileResult:
+        """controller-runtime's name for it, in the reconcile metrics."""
+        return ReconcileResult.SUCCESS if self is Outcome.DONE else ReconcileResult.REQUEUE
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -165,9 +178,12 @@ class Agent:
 
     def __post_init__(self) -> None:
         self.queue = WorkQueue(
-            base_delay=self.config.retry_base_seconds, max_delay=self.config.retry_max_seconds
+            base_delay=self.config.retry_base_seconds,
+            max_delay=self.config.retry_max_seconds,
+            metrics=self.metrics.queue_metrics(),
         )
         self.reporter = Reporter(self.api, self.config.node_name)
+        self.events = EventRecorder(self.api, self.config.node_name, on_drop=self.metrics.event_dropped)
         self.executor = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="node")
         self.find_netns = self.locator or default_locator(self.config.proc_root)
         self.pods = Reflector(
@@ -196,13 +212,11 @@ class Agent:
         self._programmed: dict[str, Programmed] = {}
         self._recheck: set[str] = set()  # pods whose namespace is read back at their next reconcile
         self._node_calls: dict[int, float] = {}  # running node calls -> monotonic start
-        self._events: set[asyncio.Task[None]] = set()
 
     # -- events -> keys ---------------------------------------------------------------------
 
     def _pod_changed(self, uid: str, pod: dict[str, Any] | None) -> None:
         self.queue.add(uid)
-        self.metrics.queue_depth.set(len(self.queue))
         self.metrics.pods_watched.set(len(self.pods.store))
 
     def _namespace_changed(self, name: str, namespace: dict[str, Any] | None) -> None:
@@ -406,14 +420,9 @@ class Agent:
         finally:
             self._node_calls.pop(token, None)
 
-    def _event(self, ref: PodRef, *, kind: str, reason: str, message: str) -> None:
-        """Post an Event in the background: never on the reconcile path."""
-        if len(self._events) >= MAX_PENDING_EVENTS:
-            self.metrics.errors.labels("event_dropped").inc()
-            return
-        task = asyncio.create_task(self.reporter.event(ref, kind=kind, reason=reason, message=message))
-        self._events.add(task)
-        task.add_done_callback(self._events.discard)
+    def _event(self, ref: PodRef, *, kind: EventType, reason: str, message: str) -> None:
+        """Posted by the recorder's background task: never on the reconcile path."""
+        self.events.record(ref, kind=kind, reason=reason, message=message)
 
     async def _apply_failed(
         self, pod: Mapping[str, Any], ref: PodRef, exc: NodeError, fields: dict[str, Any], inode: int
@@ -453,8 +462,8 @@ class Agent:
                 uid = await self.queue.get()
             except ShutDown:
                 return
-            self.metrics.queue_depth.set(len(self.queue))
-            outcome = Outcome.RETRY
+            outcome: Outcome | None = None
+            started = time.monotonic()
             try:
                 outcome = await asyncio.wait_for(
                     self.reconcile(uid), timeout=self.config.reconcile_deadline_seconds
@@ -462,14 +471,16 @@ class Agent:
             except TimeoutError:
                 log.error("reconcile ran past its deadline: given up, retried later",
                           extra={"uid": uid, "deadlineSeconds": self.config.reconcile_deadline_seconds})
-                self.metrics.errors.labels("deadline").inc()  # fmt: skip
+                self.metrics.reconcile_deadline_exceeded.inc()  # fmt: skip
             except Exception as exc:  # an API hiccup or a bug: log it, retry, keep serving
                 log.error("reconcile failed", extra={"uid": uid, "error": f"{type(exc).__name__}: {exc}"})
                 self.metrics.errors.labels("internal").inc()
             finally:
+                result = outcome.result if outcome is not None else ReconcileResult.ERROR
+                self.metrics.observe_reconcile(result, time.monotonic() - started)
                 self.queue.done(uid)
                 try:
-                    if outcome is Outcome.RETRY and uid in self.pods.store:
+                    if outcome is not Outcome.DONE and uid in self.pods.store:
                         self.queue.add_rate_limited(uid)
                     else:
                         self.queue.forget(uid)
@@ -498,6 +509,7 @@ class Agent:
     async def _heartbeat(self) -> None:
         while True:
             self._last_beat = time.monotonic()
+            self.queue.update_unfinished_work()
             await asyncio.sleep(min(1.0, self.config.stall_seconds / 4))
 
     def health_problem(self) -> str | None:
@@ -533,6 +545,7 @@ class Agent:
         # The loop is alive while the first lists load, however long a large node takes: the
         # liveness probe must not restart an agent that is still listing.
         self._tasks.append(asyncio.create_task(self._heartbeat(), name="heartbeat"))
+        self.events.start()
         self._tasks.append(asyncio.create_task(self.namespaces.run(), name="namespaces"))
         await self.namespaces.synced.wait()
         self._tasks.append(asyncio.create_task(self.pods.run(), name="pods"))
@@ -562,8 +575,7 @@ class Agent:
         self.queue.shut_down()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._workers)
-        if self._events:
-            await asyncio.wait(set(self._events), timeout=5)
+        await self.events.stop(timeout=5)
         # Threads still in a node call finish on their own; waiting for them here would block
         # the loop (and the signal handling) for as long as they take.
         await asyncio.get_running_loop().run_in_executor(None, self.executor.shutdown)
