@@ -41,6 +41,7 @@ from .node.apply import Applier, ApplyResult
 from .node.errors import LocateError, NodeError
 from .node.netns import Netns, NetnsId, netns_id_of
 from .observe import Metrics, ReconcileResult
+from .probe import VERIFY_KEY, probe_plan, waiter_ids
 from .render import Ruleset, render
 from .spec import OutOfScope, RedirectSpec, SpecError, parse_flags, spec_from_pod
 from .spec.canonical import to_args
@@ -133,6 +134,7 @@ class Programmed:
     netns: NetnsId
     pod_ips: tuple[str, ...]
     plan: Plan
+    verify: dict[str, Any]  # the waiter's probe plan (see ``probe``), for the mark
     detail: str = ""  # the detail annotation as we wrote it (or found it, intact)
     mark_version: str = ""
     mark_seen: bool = False
@@ -296,7 +298,8 @@ class Agent:
             result = await self._off_loop(self.applier.apply, netns, plan.ruleset, fresh=marked is None)
         except NodeError as exc:
             return await self._apply_failed(pod, ref, exc, fields, netns.inode)
-        record = Programmed(netns.path, netns.id, ips, plan)
+        uid, gid = waiter_ids(pod)
+        record = Programmed(netns.path, netns.id, ips, plan, probe_plan(plan.spec, uid=uid, gid=gid))
         self._programmed[ref.uid] = record
         if marked is not None and result.changed:
             self._drift_repaired(ref, result, fields)
@@ -366,6 +369,9 @@ class Agent:
             # or the namespace the agent took them from).
             "proxyUids": list(spec.proxy_uids),
             "proxyGids": list(spec.proxy_gids),
+            # How the waiter proves the redirect: planned here, from the rules applied and the
+            # waiter's IDs, so that nothing the pod can write decides whether or how it probes.
+            VERIFY_KEY: record.verify,
         }
         written = status_patch(ref, names.STATUS_INITIALIZED, detail)["metadata"]["annotations"][names.DETAIL]
         try:
