@@ -945,6 +945,8 @@ def test_mark_policy_rendering(distribution: str) -> None:
     assert {("CREATE", "pods/binding"), ("CREATE", "bindings")} <= matched
     agent = f"system:serviceaccount:elsewhere:{AGENT_SA}"
     assert [v for v in spec["validations"] if agent in v["expression"]]
+    # A pod-bound agent token marks only pods of its own node.
+    assert [v for v in spec["validations"] if "variables.podNode in variables.tokenNodes" in v["expression"]]
     for validation in spec["validations"]:
         assert validation["reason"] == "Forbidden"
         message = validation.get("messageExpression", "") + validation["message"]

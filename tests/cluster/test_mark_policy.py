@@ -8,7 +8,8 @@ policy in force, step by step:
 1. it cannot create a pod that carries the agent's status or detail annotation;
 2. it can create its pod, and patch that pod's other annotations and labels;
 3. it cannot merge-patch ``status: initialized`` and a forged detail onto its pod;
-4. the agent's ServiceAccount (a real token, under the chart's RBAC) marks the pod;
+4. the agent's ServiceAccount (a real token, under the chart's RBAC) marks the pod; with a token
+   bound to an agent pod (as the DaemonSet's are), only pods of that pod's node;
 5. the tenant cannot remove or change that mark, and still patches everything else;
 6. nobody changes ``iptables-args`` after creation, the agent included;
 7. the other ways into a pod's annotations (pods/status, Bindings) are closed too, even to a
@@ -201,6 +202,29 @@ class TestEnforced:
         # The agent may take its mark back.
         _merge(setup.agent, "marked", ns, removal)
         assert _annotations(setup.admin, "marked", ns) == {"note": "y"}
+
+    def test_an_agent_token_bound_to_a_node_marks_only_that_nodes_pods(
+        self, setup: Setup, control_plane: ControlPlane, tmp_path: Path
+    ) -> None:
+        """The DaemonSet's tokens are bound to the agent's pod, and so name its node: the agent of
+        node-1 (or whoever took its token) marks pods of node-1, and no others."""
+        ns = setup.tenant_ns
+        config = chart.node_bound_agent_kubeconfig(control_plane, setup.release_ns, "node-1", tmp_path / "a1")
+        mark = {names.STATUS: names.STATUS_INITIALIZED, names.DETAIL: AGENT_DETAIL}
+        elsewhere = _pod("on-node-2", ns)
+        assert elsewhere.spec is not None
+        elsewhere.spec.nodeName = "node-2"
+        setup.tenant.create(elsewhere)
+        setup.tenant.create(_pod("on-node-1", ns))
+        with control_plane.client(KubeConfig.from_file(config)) as agent_of_node_1:
+            message = refusal(_merge, agent_of_node_1, "on-node-2", ns, {"annotations": mark})
+            setup.refused_by_policy(message, names.STATUS, names.DETAIL)
+            assert "bound to node node-1, the pod is on node node-2" in message
+            _merge(agent_of_node_1, "on-node-1", ns, {"annotations": mark})
+        assert _annotations(setup.admin, "on-node-1", ns) == mark
+        assert _annotations(setup.admin, "on-node-2", ns) == {}
+        # A token bound to no pod names no node: the agent's ServiceAccount is all that counts.
+        _merge(setup.agent, "on-node-2", ns, {"annotations": mark})
 
     def test_nobody_changes_iptables_args_after_creation(self, setup: Setup) -> None:
         ns = setup.tenant_ns

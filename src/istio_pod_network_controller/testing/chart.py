@@ -439,3 +439,57 @@ def tenant_kubeconfig(
                 raise ChartError(f"RBAC for {user} not in effect after {RBAC_WAIT_SECONDS} s")
             time.sleep(0.1)
     return kubeconfig
+
+
+def node_bound_agent_kubeconfig(
+    control_plane: ControlPlane,
+    namespace: str,
+    node: str,
+    path: Path,
+    *,
+    fullname: str | None = None,
+) -> Path:
+    """A kubeconfig for the chart's agent ServiceAccount in ``namespace`` whose token is bound to
+    an agent pod on ``node``, as the DaemonSet's projected tokens are: the API server then names
+    ``node`` in the token's user (``authentication.kubernetes.io/node-name``), which the mark
+    policy checks. The stand-in pod (``agent-<node>``, never run) is created here; the token stops
+    working when it is deleted. Applies the chart's RBAC first (idempotent)."""
+    from lightkube import ApiError
+    from lightkube.models.authentication_v1 import BoundObjectReference, TokenRequestSpec
+    from lightkube.models.core_v1 import Container, PodSpec
+    from lightkube.models.meta_v1 import ObjectMeta
+    from lightkube.resources.core_v1 import Pod, ServiceAccountToken
+
+    accounts = apply_rbac(control_plane, namespace, fullname=fullname)
+    name = f"agent-{node}"
+    with control_plane.client() as client:
+        try:
+            client.create(
+                Pod(
+                    metadata=ObjectMeta(name=name, namespace=namespace),
+                    spec=PodSpec(
+                        nodeName=node,
+                        serviceAccountName=accounts.agent,
+                        containers=[Container(name="agent", image="example.invalid/agent:1")],
+                    ),
+                )
+            )
+        except ApiError as e:
+            if e.status.code != 409:
+                raise
+        pod = client.get(Pod, name, namespace=namespace)
+        assert pod.metadata is not None
+        spec = TokenRequestSpec(
+            audiences=[],
+            expirationSeconds=3600,
+            boundObjectRef=BoundObjectReference(kind="Pod", apiVersion="v1", name=name, uid=pod.metadata.uid),
+        )
+        request = ServiceAccountToken(
+            metadata=ObjectMeta(name=accounts.agent, namespace=namespace), spec=spec
+        )
+        result = client.create(request, accounts.agent, namespace=namespace)
+    if result.status is None or not result.status.token:
+        raise ChartError(
+            f"TokenRequest for {accounts.user(accounts.agent)} bound to {name} returned no token"
+        )
+    return control_plane.kubeconfig_for_token(result.status.token, path, name=f"{namespace}-{name}")
