@@ -21,7 +21,7 @@ from ..node.errors import LocateError, NodeError
 from ..node.netns import Netns
 from ..render import Ruleset, render
 from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
-from ..spec.flags import add_redirect_flags
+from ..spec.flags import add_redirect_flags, check_arg_count
 from ..spec.manifest import ManifestError, load_object, load_pod
 from .common import spec_problem
 from .rules import spec_from_cli
@@ -85,6 +85,7 @@ def _pod_ips(pod: Mapping[str, Any]) -> list[str]:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
     """Our own flags, then the spec: istio-iptables flags (shared with `rules`) or --pod."""
+    check_arg_count("command line", argv)  # before argparse, whose cost is quadratic in it
     args, rest = own_parser().parse_known_args(argv)
     if args.pod:
         if rest:

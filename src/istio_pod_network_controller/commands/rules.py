@@ -9,7 +9,7 @@ import sys
 from ..cli import EXIT_OK, PROG
 from ..render import Ruleset, render
 from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
-from ..spec.flags import FLAGS, add_redirect_flags, normalize_argv, spec_from_args
+from ..spec.flags import FLAGS, add_redirect_flags, check_arg_count, normalize_argv, spec_from_args
 from ..spec.manifest import ManifestError, load_object, load_pod
 from .common import spec_problem
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spec_from_cli(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
     """Shared by `rules` and `apply`: flags or --pod (never both)."""
+    check_arg_count("command line", argv)  # before argparse, whose cost is quadratic in it
     parser = build_parser()
     normalized, falses = normalize_argv(argv)
     args, unknown = parser.parse_known_args(normalized)

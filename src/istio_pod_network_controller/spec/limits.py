@@ -36,9 +36,11 @@ MAX_IPTABLES_ARGS_DEPTH = 1
 # counted: real excludeOutboundIPRanges lists reach a few hundred CIDRs.
 MAX_LIST_ITEMS = 1000
 
-# `rules --pod` / `apply --pod` manifest files (JSON or YAML, possibly several documents): the
-# API server stores no object over about 1.5 MiB.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+# `rules --pod` / `apply --pod` manifest files (JSON or YAML, possibly several documents): a Pod
+# or workload is some KiB. PyYAML builds only about 0.5 MiB per second of the densest YAML (short
+# items, one per line), with some hundred bytes of memory per item, so the bound is tighter than
+# the API server's 1.5 MiB per object: the worst file costs about 2 seconds and 200 MB.
+MAX_MANIFEST_BYTES = 1024 * 1024
 
 # Nesting of a manifest (a Pod is about 10 levels deep), JSON or YAML.
 MAX_MANIFEST_DEPTH = MAX_JSON_DEPTH

@@ -6,13 +6,15 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ..bounded import BoundedJsonError, loads_bounded
+from .errors import show
+from .limits import MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH
 
 
 class ManifestError(ValueError):
@@ -22,19 +24,74 @@ class ManifestError(ValueError):
 TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "ReplicationController"}
 
 
-def read_documents(path: str) -> list[Any]:
+# libyaml's parser when PyYAML was built with it (several times faster), else the Python one.
+_YamlLoader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _check_yaml_events(text: str, path: str) -> None:
+    """One pass over the YAML events, before anything is built from them: refuse aliases (a few
+    lines of them stand for an exponentially large document that any walk of the result pays
+    for) and nesting past MAX_MANIFEST_DEPTH (PyYAML's composer recurses once per level)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_YamlLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise ManifestError(f"{path}: {_line(event)}aliases (*name) are not accepted in a manifest")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_MANIFEST_DEPTH:
+                raise ManifestError(
+                    f"{path}: {_line(event)}more than the limit of {MAX_MANIFEST_DEPTH} levels of nesting"
+                )
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+
+
+def _line(event: yaml.Event) -> str:
+    mark = event.start_mark
+    return "" if mark is None else f"line {mark.line + 1}: "
+
+
+def _read_text(path: str) -> str:
+    """At most MAX_MANIFEST_BYTES of the file (or stdin), as text."""
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        if path == "-":
+            binary = getattr(sys.stdin, "buffer", None)  # absent when stdin is replaced by text
+            if binary is not None:
+                data = bytes(binary.read(MAX_MANIFEST_BYTES + 1))
+            else:
+                data = sys.stdin.read(MAX_MANIFEST_BYTES + 1).encode("utf-8", "surrogateescape")
+        else:
+            with open(path, "rb") as f:
+                data = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:
         raise ManifestError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path} is larger than the limit of {MAX_MANIFEST_BYTES} bytes")
     try:
-        return [json.loads(text)]
-    except json.JSONDecodeError:
-        pass
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{path} is not UTF-8 text (byte {exc.start})") from None
+
+
+def read_documents(path: str) -> list[Any]:
+    """The documents of a JSON or YAML file, read within MAX_MANIFEST_BYTES and
+    MAX_MANIFEST_DEPTH (YAML also without aliases): linear in the file's size."""
+    text = _read_text(path)
     try:
-        return [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as exc:
-        raise ManifestError(f"{path} is neither JSON nor YAML: {str(exc).splitlines()[0]}") from None
+        return [loads_bounded(text, max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH)]
+    except BoundedJsonError:
+        pass  # not JSON, or too deep as JSON: YAML says which, with its own bounds
+    try:
+        _check_yaml_events(text, path)
+        return [doc for doc in yaml.load_all(text, Loader=_YamlLoader) if doc is not None]
+    except ManifestError:
+        raise
+    except yaml.MarkedYAMLError as exc:
+        line = f" (line {exc.problem_mark.line + 1})" if exc.problem_mark else ""
+        reason = show(exc.problem or exc.context)
+        raise ManifestError(f"{path} is neither JSON nor YAML: {reason}{line}") from None
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: an integer too long to convert
+        raise ManifestError(f"{path} is neither JSON nor YAML: {show(str(exc))}") from None
 
 
 def pod_from_object(obj: Any) -> dict[str, Any] | None:
