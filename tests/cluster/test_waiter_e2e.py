@@ -174,7 +174,8 @@ def create_through_webhook(kube: Client, pod: dict[str, Any], timeout: float = 2
     deadline = time.monotonic() + timeout
     while True:
         created: dict[str, Any] = kube.create(cast(Pod, Pod.from_dict(copy.deepcopy(pod)))).to_dict()
-        if W in [c["name"] for c in created["spec"].get("initContainers") or []]:
+        inits = created["spec"].get("initContainers") or []
+        if inits and inits[0]["name"] == W and inits[0].get("image") == WAITER_IMAGE:
             return created
         kube.delete(Pod, pod["metadata"]["name"], namespace=pod["metadata"]["namespace"], grace_period=0)
         assert time.monotonic() < deadline, "the MutatingWebhookConfiguration never took effect"
@@ -293,3 +294,38 @@ def test_a_recreated_sandbox_waits_for_its_own_mark(
     assert f"pod initialized for network namespace {second.netns_inode}" in last
     detail = json.loads(annotations_of(api_pod(kube, meshed_namespace, "phoenix"))[names.DETAIL])
     assert detail["netnsInode"] == second.netns_inode
+
+
+# -- the webhook owns the waiter -----------------------------------------------------------------------
+
+
+def test_a_waiter_the_pod_brings_never_lets_it_start_before_the_agent(
+    kube: Client, shared_dir: Path, node: NodeStandIn, webhook: WebhookProcess, agent: AgentProcess,
+    meshed_namespace: str,
+) -> None:  # fmt: skip
+    pod = hello_pod(shared_dir, meshed_namespace, "impostor", node.node_name)
+    pod["spec"]["initContainers"].insert(0, {  # would exit 0 at once, whatever the agent did
+        "name": W, "image": "registry.example/always-pass", "command": ["/bin/true"],
+        "securityContext": copy.deepcopy(CONTAINER_RESTRICTED),
+    })  # fmt: skip
+    pod["spec"].setdefault("volumes", []).append({"name": names.PODINFO_VOLUME, "emptyDir": {}})
+    created = create_through_webhook(kube, pod)
+    waiter = created["spec"]["initContainers"][0]
+    assert (waiter["image"], waiter["args"][0], "command" in waiter) == (WAITER_IMAGE, "init", False)
+    assert [c["name"] for c in created["spec"]["initContainers"]].count(W) == 1
+
+    # No agent: the real waiter holds the pod back.
+    node.wait_for(meshed_namespace, "impostor", lambda v: v.container(W).state == "running")
+    time.sleep(1.0)
+    view = node.wait_for(meshed_namespace, "impostor")
+    assert view.container(W).state == "running" and view.container(W).exit_codes == ()
+    assert view.container("hello").state == "waiting"
+
+    agent.start().wait_ready()
+    view = node.wait_for(meshed_namespace, "impostor", running, timeout=60)
+    assert view.container(W).exit_codes == (0,), node.logs(view.uid, W)
+    last = node.logs(view.uid, W).strip().splitlines()[-1]
+    assert last.startswith(
+        f"istio-pod-network-controller init: pod initialized for network namespace {view.netns_inode}"
+    )
+    assert last.endswith("outbound redirect proven: 192.0.2.1:80 reached the proxy port 15001"), last
