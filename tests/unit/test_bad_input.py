@@ -8,6 +8,16 @@ from pathlib import Path
 import pytest
 
 from istio_pod_network_controller.cli import main
+from istio_pod_network_controller.spec.limits import (
+    MAX_ANNOTATION_VALUE_BYTES,
+    MAX_ARG_BYTES,
+    MAX_ARGS,
+    MAX_IPTABLES_ARGS_ANNOTATION_BYTES,
+    MAX_IPTABLES_ARGS_DEPTH,
+    MAX_LIST_ITEMS,
+    MAX_MANIFEST_BYTES,
+    MAX_MANIFEST_DEPTH,
+)
 
 INJECTION = "\n-A OUTPUT -j DROP"
 
@@ -109,3 +119,138 @@ def test_unreadable_manifest_is_invalid_input(capsys: pytest.CaptureFixture[str]
     code, out, err = run(capsys, ["rules", "--pod", str(tmp_path / "missing.yaml")])
     assert (code, out) == (2, "")
     assert "missing.yaml" in err
+
+
+# -- limits: every bound crossed is exit 2, one line naming the input and the bound ---------------
+
+ARGS_ANNOTATION = "pod-network-controller.istio.io/iptables-args"
+EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
+ISTIO_ARGS = ["istio-iptables", "-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-b", "*"]
+MANY_CIDRS = ",".join(f"10.0.{i // 256}.{i % 256}/32" for i in range(MAX_LIST_ITEMS + 1))
+# 252 KB, under the size limit: the arguments are counted before any is parsed.
+HOSTILE_ARGS = json.dumps([*ISTIO_ARGS, *["-d", "1"] * 28_000], separators=(",", ":"))
+OVERSIZED_ARGS = json.dumps([*ISTIO_ARGS, "--log_output_level=" + "x" * 300_000])
+LONG_VALUE = " " * (MAX_ARG_BYTES + 1)
+
+
+def with_istio_init(args: list[str]) -> dict[str, object]:
+    pod = sidecar_pod({})
+    pod["spec"]["initContainers"] = [{"name": "istio-init", "args": args}]  # type: ignore[index]
+    return pod
+
+
+def over(size: int, unit: str, limit: int) -> str:
+    return f"{size} {unit}, more than the limit of {limit}"
+
+
+LIMIT_PODS = {
+    "annotation-arguments": (
+        sidecar_pod({ARGS_ANNOTATION: HOSTILE_ARGS}),
+        f"annotation {ARGS_ANNOTATION}: {over(56011, 'arguments', MAX_ARGS)}",
+    ),
+    "istio-init-arguments": (
+        with_istio_init([*ISTIO_ARGS, *["-d", "1"] * 200]),
+        f"istio-init args: {over(411, 'arguments', MAX_ARGS)}",
+    ),
+    "annotation-bytes": (
+        sidecar_pod({ARGS_ANNOTATION: OVERSIZED_ARGS}),
+        f"{ARGS_ANNOTATION}: {over(len(OVERSIZED_ARGS), 'bytes', MAX_IPTABLES_ARGS_ANNOTATION_BYTES)}",
+    ),
+    "annotation-nesting": (
+        sidecar_pod({ARGS_ANNOTATION: '[["-p", "15001"]]'}),
+        f'{ARGS_ANNOTATION}: invalid value \'[["-p", "15001"]]\': not a JSON list of strings: '
+        f"the value is nested 2 levels deep, more than the limit of {MAX_IPTABLES_ARGS_DEPTH}",
+    ),
+    "argument-bytes": (
+        sidecar_pod({ARGS_ANNOTATION: json.dumps([*ISTIO_ARGS, "-x", LONG_VALUE])}),
+        f"annotation {ARGS_ANNOTATION}: -x: {over(MAX_ARG_BYTES + 1, 'bytes', MAX_ARG_BYTES)}",
+    ),
+    "argument-items": (
+        with_istio_init([*ISTIO_ARGS, "-x", MANY_CIDRS]),
+        f"istio-init args: -x: {over(MAX_LIST_ITEMS + 1, 'items', MAX_LIST_ITEMS)}",
+    ),
+    "traffic-annotation-bytes": (
+        sidecar_pod({EXCLUDE_CIDRS: LONG_VALUE}),
+        f"{EXCLUDE_CIDRS}: {over(MAX_ARG_BYTES + 1, 'bytes', MAX_ANNOTATION_VALUE_BYTES)}",
+    ),
+    "traffic-annotation-items": (
+        sidecar_pod({EXCLUDE_CIDRS: MANY_CIDRS}),
+        f"{EXCLUDE_CIDRS}: {over(MAX_LIST_ITEMS + 1, 'items', MAX_LIST_ITEMS)}",
+    ),
+    "traffic-annotation-ports": (
+        sidecar_pod({"traffic.sidecar.istio.io/excludeInboundPorts": "80," * (MAX_LIST_ITEMS + 1)}),
+        f"traffic.sidecar.istio.io/excludeInboundPorts: {over(MAX_LIST_ITEMS + 1, 'items', MAX_LIST_ITEMS)}",
+    ),
+}
+
+
+@pytest.mark.parametrize(("pod_doc", "message"), LIMIT_PODS.values(), ids=LIMIT_PODS.keys())
+def test_a_pod_over_a_limit_is_refused_with_one_line_naming_the_input_and_the_limit(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, pod_doc: dict[str, object], message: str
+) -> None:
+    pod = tmp_path / "pod.json"
+    pod.write_text(json.dumps(pod_doc))
+    code, out, err = run(capsys, ["rules", "--pod", str(pod)])
+    assert (code, out) == (2, "")
+    assert err == f"istio-pod-network-controller rules: {message}\n"
+
+
+@pytest.mark.parametrize(("command", "extra"), [("rules", 0), ("apply", 2)])
+def test_a_command_line_over_the_argument_limit_is_refused(
+    capsys: pytest.CaptureFixture[str], command: str, extra: int
+) -> None:
+    where = ["--netns", "/x"] if command == "apply" else []
+    code, out, err = run(capsys, [command, *where, *(["-d", "1"] * 150)])
+    assert (code, out) == (2, "")
+    counted = over(300 + extra, "arguments", MAX_ARGS)
+    assert err == f"istio-pod-network-controller {command}: command line: {counted}\n"
+
+
+def alias_bomb(levels: int) -> str:
+    """Each line names the one before nine times: 9**levels items from a few hundred bytes."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+DEEP = f"nested more than the limit of {MAX_MANIFEST_DEPTH} levels deep"
+MANIFESTS = {
+    "too-large": (
+        "kind: Pod\n" + "# padding\n" * (MAX_MANIFEST_BYTES // 10),
+        f"is larger than the limit of {MAX_MANIFEST_BYTES} bytes",
+    ),
+    "yaml-alias": (
+        "kind: Pod\nmetadata: &m {name: p}\nspec: {template: {metadata: *m}}\n",
+        "line 3: aliases (*name) are not accepted",
+    ),
+    "yaml-alias-bomb": (alias_bomb(9), "line 2: aliases (*name) are not accepted"),
+    "yaml-deep-block": (
+        "".join("  " * i + "- \n" for i in range(1000)),
+        f"line {MAX_MANIFEST_DEPTH + 1}: {DEEP}",
+    ),
+    "yaml-deep-flow": ("kind: Pod\nx: " + "[" * 70 + "]" * 70, f"line 2: {DEEP}"),
+    "json-deep": (
+        '{"kind": "Pod", "x": ' + "[" * 10_000 + "]" * 10_000 + "}",
+        f"is nested 10001 levels deep, more than the limit of {MAX_MANIFEST_DEPTH}",
+    ),
+    "yaml-huge-int": ("kind: Pod\nx: " + "1" * 10_000 + "\n", "is neither JSON nor YAML"),
+    "not-utf8": ("kind: Pod\nx: \udcff\n", "is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize(("text", "complaint"), MANIFESTS.values(), ids=MANIFESTS.keys())
+def test_a_hostile_manifest_is_refused_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, complaint: str
+) -> None:
+    pod = tmp_path / "pod.yaml"
+    pod.write_bytes(text.encode("utf-8", "surrogateescape"))
+    code, out, err = run(capsys, ["rules", "--pod", str(pod)])
+    assert (code, out) == (2, "")
+    assert err.count("\n") == 1 and str(pod) in err and complaint in err, err
+
+
+def test_yaml_anchors_without_aliases_are_fine(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pod = tmp_path / "pod.yaml"
+    pod.write_text("kind: Pod\nmetadata: &m {name: p}\nspec:\n  containers: [{name: istio-proxy}]\n")
+    code, out, _ = run(capsys, ["rules", "--pod", str(pod)])
+    assert code == 0 and "ISTIO_INBOUND" in out

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
+from typing import NoReturn
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from istio_pod_network_controller.spec import InterceptionMode, SpecError, parse_flags
+from istio_pod_network_controller.spec.argv import read_options
+from istio_pod_network_controller.spec.errors import LimitError
+from istio_pod_network_controller.spec.flags import OPTIONS, add_redirect_flags
+from istio_pod_network_controller.spec.limits import (
+    MAX_ARG_BYTES,
+    MAX_ARGS,
+    MAX_LIST_ITEMS,
+    MAX_OWNER_GROUPS_INCLUDE,
+)
 
 
 def test_defaults_match_istio_iptables() -> None:
@@ -52,3 +66,98 @@ def test_loopback_cidr_must_be_loopback() -> None:
 def test_reserved_route_table_is_rejected() -> None:
     with pytest.raises(SpecError, match="-r"):
         parse_flags(["-m", "TPROXY", "-r", "254"])
+
+
+# -- the linear reader means what argparse means -------------------------------------------------
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise SpecError("arguments", "", message)
+
+
+def _argparse_reading(argv: list[str]) -> tuple[dict[str, object], list[str]] | str:
+    parser = _RaisingParser(prog="istio-iptables", add_help=False, allow_abbrev=False)
+    add_redirect_flags(parser)
+    try:
+        namespace, extras = parser.parse_known_args(argv)
+    except SpecError as exc:
+        return str(exc)
+    # argparse drops an attached "--" ("--envoy-port=--" stores []); the reader keeps what was
+    # written. Either way the value is then refused, so this is the one difference allowed.
+    values = {k: "--" if v == [] else v for k, v in vars(namespace).items() if v is not None}
+    return values, extras
+
+
+def _linear_reading(argv: list[str]) -> tuple[dict[str, object], list[str]] | str:
+    try:
+        read = read_options(argv, OPTIONS)
+    except SpecError as exc:
+        return str(exc)
+    return dict(read.values), read.extras
+
+
+_SPELLINGS = sorted(OPTIONS.by_name)
+_ODD = ["1", "", "-1", "-1.5", "-.5", "a b", "-a b", "--", "-", "-x-1", "-x1,2", "-nf", "-nx", "-nZ",
+        "-n=", "-nfp", "-fp1", "--dry-run=", "--envoy-port=", "--envoy-port=--", "--envoy-port==1", "-p--",
+        "-p=", "-p=1", "--bogus", "--bogus=1", "-Z", "=", "x=y", "-1\n", "--envoy", "-n-", "-- ", "-b*",
+        "é"]  # fmt: skip
+
+
+@settings(max_examples=3000, deadline=None)
+@given(
+    st.lists(st.one_of(st.sampled_from(_SPELLINGS), st.sampled_from(_ODD), st.text(max_size=4)), max_size=10)
+)
+def test_the_linear_reader_reads_arguments_exactly_as_argparse(argv: list[str]) -> None:
+    assert _linear_reading(argv) == _argparse_reading(argv)
+
+
+def test_the_reader_keeps_the_last_of_repeated_options_and_the_extras_in_order() -> None:
+    read = read_options(["-d", "1", "stray", "-d", "2", "--", "-p", "3"], OPTIONS)
+    assert read.values == {"inbound_ports_exclude": "2"}
+    assert read.extras == ["stray", "--", "-p", "3"]
+
+
+# -- limits --------------------------------------------------------------------------------------
+
+
+def test_too_many_arguments_are_refused_before_parsing() -> None:
+    with pytest.raises(LimitError) as info:
+        parse_flags(["-d", "1"] * 200)
+    assert str(info.value) == f"istio-iptables: 400 arguments, more than the limit of {MAX_ARGS}"
+    parse_flags(["-d", "1"] * (MAX_ARGS // 2))  # at the limit: accepted
+
+
+def test_a_flag_value_longer_than_the_limit_is_refused_naming_the_flag() -> None:
+    with pytest.raises(
+        LimitError, match=rf"^-o: {MAX_ARG_BYTES + 1} bytes, more than the limit of {MAX_ARG_BYTES}$"
+    ):
+        parse_flags(["-o", " " * (MAX_ARG_BYTES + 1)])
+    with pytest.raises(LimitError, match=r"^-p: [0-9]+ bytes"):  # named as every error names it
+        parse_flags(["--envoy-port=" + "1" * (MAX_ARG_BYTES + 1)])
+
+
+@pytest.mark.parametrize(
+    ("flag", "item"),
+    [("-x", "10.0.0.1/32"), ("-i", "10.0.0.1/32"), ("-d", "1"), ("-q", "1"), ("-o", "1"), ("-b", "1"),
+     ("-c", "eth0"), ("-k", "eth0"), ("-u", "1"), ("-g", "1"), ("--owner-groups-exclude", "1"),
+     ("--dns-servers-v4", "10.0.0.1"), ("--dns-servers-v6", "::1")],
+)  # fmt: skip
+def test_a_list_longer_than_the_limit_is_refused_naming_the_flag(flag: str, item: str) -> None:
+    parse_flags([flag, ",".join([item] * MAX_LIST_ITEMS)])  # at the limit (duplicates and all)
+    with pytest.raises(LimitError) as info:
+        parse_flags([flag, ",".join([item] * (MAX_LIST_ITEMS + 1))])
+    assert str(info.value) == f"{flag}: {MAX_LIST_ITEMS + 1} items, more than the limit of {MAX_LIST_ITEMS}"
+
+
+def test_empty_list_items_do_not_count_towards_the_limit() -> None:
+    assert parse_flags(["-d", "1" + "," * (MAX_LIST_ITEMS * 2)]).inbound_ports_exclude == (1,)
+
+
+def test_owner_groups_include_has_istio_iptables_own_limit() -> None:
+    groups = ",".join(str(g) for g in range(MAX_OWNER_GROUPS_INCLUDE + 1))
+    with pytest.raises(
+        LimitError,
+        match=f"--owner-groups-include: 65 groups, more than the limit of {MAX_OWNER_GROUPS_INCLUDE}",
+    ):
+        parse_flags(["--owner-groups-include", groups])

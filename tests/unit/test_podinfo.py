@@ -219,3 +219,16 @@ def test_arbitrary_bytes_never_crash_the_parser(data: bytes) -> None:
         parse_annotations(data)
     except PodinfoFormatError as exc:
         assert "\n" not in str(exc)
+
+
+@pytest.mark.parametrize(
+    ("literal", "expected"),
+    [
+        (b'"a\xe2\x98\xba\xc3\xa9b"', "a\u263a\u00e9b"),  # a valid run, copied whole
+        (b'"a\xe2\x98\xba\xff\xc3\xa9b"', "a\u263a\ufffd\u00e9b"),  # one bad byte in a run
+        (b'"\xe2\x98"', "\ufffd\ufffd"),  # a run cut short by the closing quote
+        (b'"plain\\tthen \xc3\xa9 and \\x41"', "plain\tthen \u00e9 and A"),
+    ],
+)
+def test_runs_of_plain_and_non_ascii_bytes_decode_as_go_does(literal: bytes, expected: str) -> None:
+    assert go_unquote(literal) == expected

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from ..bounded import BoundedJsonError, loads_bounded
+from ..bounded import BoundedJsonError, JsonLimitError, loads_bounded
 from .errors import show
 from .limits import MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH
 
@@ -40,7 +40,7 @@ def _check_yaml_events(text: str, path: str) -> None:
             depth += 1
             if depth > MAX_MANIFEST_DEPTH:
                 raise ManifestError(
-                    f"{path}: {_line(event)}more than the limit of {MAX_MANIFEST_DEPTH} levels of nesting"
+                    f"{path}: {_line(event)}nested more than the limit of {MAX_MANIFEST_DEPTH} levels deep"
                 )
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
@@ -78,9 +78,12 @@ def read_documents(path: str) -> list[Any]:
     MAX_MANIFEST_DEPTH (YAML also without aliases): linear in the file's size."""
     text = _read_text(path)
     try:
-        return [loads_bounded(text, max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH)]
+        return [loads_bounded(text, max_bytes=MAX_MANIFEST_BYTES, max_depth=MAX_MANIFEST_DEPTH, what=path)]
+    except JsonLimitError as exc:
+        if text.lstrip()[:1] in ("{", "["):  # meant as JSON (or flow YAML, as deep)
+            raise ManifestError(str(exc)) from None
     except BoundedJsonError:
-        pass  # not JSON, or too deep as JSON: YAML says which, with its own bounds
+        pass  # not JSON: YAML, or neither
     try:
         _check_yaml_events(text, path)
         return [doc for doc in yaml.load_all(text, Loader=_YamlLoader) if doc is not None]
