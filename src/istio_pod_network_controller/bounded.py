@@ -23,7 +23,7 @@ MAX_JSON_DEPTH = 64
 # A JSON string, or the rest of the text after an opening quote that is never closed. Possessive
 # repeats and the optional closing quote make every match succeed without backtracking, so the
 # scan is linear even in text full of stray quotes and backslashes.
-_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"?', re.DOTALL)
+_STRING = re.compile(r'"[^"\\]*+(?:\\.[^"\\]*+)*+"?', re.DOTALL)
 _NOT_BRACKET = re.compile(r"[^\[\]{}]++")
 # Each bracket as a step of 2 (opening) or 0 (closing): the depth after k brackets is the sum of
 # the first k steps minus k, which C-level iterators compute without a Python loop per byte.
@@ -81,7 +81,10 @@ def loads_bounded(
         decoded = _decode(text) if isinstance(text, bytes) else text
     except BoundedJsonError as exc:
         raise BoundedJsonError(f"{what} is {exc}") from None
-    depth = json_depth(decoded)
+    # Nesting needs as many openers: when there are no more than the limit, no scan is needed
+    # (a flat list of strings is then decoded at the decoder's own speed).
+    openers = decoded.count("[") + decoded.count("{")
+    depth = json_depth(decoded) if openers > max_depth else 0
     if depth > max_depth:
         message = f"{what} is nested {depth} levels deep, more than the limit of {max_depth}"
         raise JsonLimitError(message, size=depth, unit="levels of nesting", limit=max_depth)
