@@ -1,8 +1,9 @@
 """`webhook`: the injection webhook's entry point (see ``webhook`` and ``inject``).
 
-Every flag has an environment variable, as for ``run``, so the chart can set either. SIGTERM
-marks the server not ready, waits ``--shutdown-grace`` seconds for endpoints to drop it, then
-stops and exits 0.
+Every flag has an environment variable, as for ``run``, so the chart can set either. At start
+the soft open-files limit is raised to the hard one (the connection cap needs the descriptors).
+SIGTERM marks the server not ready, waits ``--shutdown-grace`` seconds for endpoints to drop it,
+then stops and exits 0.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 2**31:
+        raise argparse.ArgumentTypeError(f"a whole number above 0: {text!r}")
+    return int(text)
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"not a port: {text!r}")
@@ -75,7 +82,16 @@ def _add(p: argparse.ArgumentParser, flag: str, env: str, help: str, **kwargs: A
 
 def build_parser() -> argparse.ArgumentParser:
     from ..inject import DEFAULT_WAITER_UID
-    from ..webhook import DEFAULT_NAMESPACE_TTL, DEFAULT_PORT
+    from ..webhook import (
+        DEFAULT_IDLE_TIMEOUT,
+        DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_NAMESPACE_TTL,
+        DEFAULT_PORT,
+        DEFAULT_READ_TIMEOUT,
+        DEFAULT_REQUEST_TIMEOUT,
+        DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        MAX_REVIEW_BYTES,
+    )
 
     p = _Parser(
         prog=PREFIX,
@@ -149,6 +165,58 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=DEFAULT_NAMESPACE_TTL,
     )
+    _add(
+        p,
+        "--max-connections",
+        "IPNC_WEBHOOK_MAX_CONNECTIONS",
+        f"client connections at once (default {DEFAULT_MAX_CONNECTIONS}, fewer if the open-files limit "
+        "is lower); at the cap the least recently active idle one is closed for the new one",
+        type=_count,
+        default=DEFAULT_MAX_CONNECTIONS,
+    )
+    _add(
+        p,
+        "--tls-handshake-timeout",
+        "IPNC_WEBHOOK_TLS_HANDSHAKE_TIMEOUT",
+        f"seconds a client has to complete the TLS handshake (default {DEFAULT_TLS_HANDSHAKE_TIMEOUT:g})",
+        type=_positive_seconds,
+        default=DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+    )
+    _add(
+        p,
+        "--read-timeout",
+        "IPNC_WEBHOOK_READ_TIMEOUT",
+        "seconds a request (headers and body) has to arrive, from its first byte, or from the "
+        f"handshake for a connection's first request (default {DEFAULT_READ_TIMEOUT:g})",
+        type=_positive_seconds,
+        default=DEFAULT_READ_TIMEOUT,
+    )
+    _add(
+        p,
+        "--idle-timeout",
+        "IPNC_WEBHOOK_IDLE_TIMEOUT",
+        f"seconds a kept-alive connection may wait for its next request (default {DEFAULT_IDLE_TIMEOUT:g})",
+        type=_positive_seconds,
+        default=DEFAULT_IDLE_TIMEOUT,
+    )
+    _add(
+        p,
+        "--request-timeout",
+        "IPNC_WEBHOOK_REQUEST_TIMEOUT",
+        "seconds from a request's first byte to its answer; past it the answer is a 500 and the "
+        "failure policy decides. Keep it below the webhook configuration's timeoutSeconds "
+        f"(default {DEFAULT_REQUEST_TIMEOUT:g})",
+        type=_positive_seconds,
+        default=DEFAULT_REQUEST_TIMEOUT,
+    )
+    _add(
+        p,
+        "--max-request-bytes",
+        "IPNC_WEBHOOK_MAX_REQUEST_BYTES",
+        f"largest request body accepted (default {MAX_REVIEW_BYTES}, 4 MiB)",
+        type=_count,
+        default=MAX_REVIEW_BYTES,
+    )
     _add(p, "--kubeconfig", "KUBECONFIG", "kubeconfig file (default: in-cluster service account)")
     _add(
         p,
@@ -198,11 +266,13 @@ async def _serve(args: argparse.Namespace) -> int:
     from ..inject import WaiterSettings
     from ..webhook import (
         CachedNamespaces,
+        Limits,
         Namespaces,
         NoNamespaces,
         TlsFiles,
         WebhookServer,
         api_namespace_fetch,
+        raise_open_files_limit,
     )
 
     excluded = [
@@ -231,7 +301,16 @@ async def _serve(args: argparse.Namespace) -> int:
     except Exception as exc:  # any cause: reported once, here
         log.error("cannot start", extra={"error": f"{type(exc).__name__}: {exc}"})
         return EXIT_FAILURE
-    server = WebhookServer(settings, namespaces, tls, host=args.address, port=args.port)
+    raise_open_files_limit()
+    limits = Limits(
+        max_connections=args.max_connections,
+        tls_handshake_timeout=args.tls_handshake_timeout,
+        read_timeout=args.read_timeout,
+        idle_timeout=args.idle_timeout,
+        request_timeout=args.request_timeout,
+        max_request_bytes=args.max_request_bytes,
+    )
+    server = WebhookServer(settings, namespaces, tls, host=args.address, port=args.port, limits=limits)
     try:
         await server.start()
     except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -60,6 +61,29 @@ class WebhookProcess:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def records(self) -> list[dict[str, Any]]:
+        """The log as JSON records (a line that is not one is kept as ``{"line": ...}``)."""
+        found: list[dict[str, Any]] = []
+        for line in self.logs().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            found.append(record if isinstance(record, dict) else {"line": line})
+        return found
+
+    def rss_mib(self) -> float:
+        """The process's resident memory."""
+        assert self.popen is not None
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS line")
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client TLS context that trusts this process's certificate."""
+        return ssl.create_default_context(cadata=self.pair.ca.pem.decode())
 
     def start(self) -> WebhookProcess:
         self.pair.write(self.cert_file, self.key_file)
