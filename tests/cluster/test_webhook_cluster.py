@@ -11,8 +11,10 @@ relies on).
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from lightkube.types import PatchType
 
 from istio_pod_network_controller import names
 from istio_pod_network_controller.spec import spec_from_pod
+from istio_pod_network_controller.testing import webhook_attack
 from istio_pod_network_controller.testing.controlplane import ControlPlane
 from istio_pod_network_controller.testing.webhookproc import WebhookProcess, webhook_kubeconfig
 
@@ -229,3 +232,102 @@ def test_pods_of_a_namespace_not_opted_in_are_left_alone(
     opted = meshed_probe(webhook.namespace, "opted-in-itself")
     opted["metadata"]["annotations"] = {names.OPT_IN: names.OPT_IN_VALUE}
     assert init_names(create(kube, opted)) == [names.WAITER_CONTAINER]
+
+
+# -- bounded cost: a normal pod is admitted while the webhook is attacked ------------------------------
+
+IDLE_HELD = 1000
+HUGE_ARGS = 24_000  # the reported attack: about 270 KB of istio-init args
+HUGE_ANNOTATION = 2 * 1024 * 1024  # over the 256 KiB annotation limit, checked after admission
+HUGE_CREATORS = 3
+
+
+def timed_create(kube: Client, pod: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    started = time.monotonic()
+    created = create(kube, pod)
+    return time.monotonic() - started, created
+
+
+def huge_pods(namespace: str, n: int) -> list[dict[str, Any]]:
+    many_args = meshed_probe(namespace, f"huge-args-{n}")
+    many_args["spec"]["initContainers"] = [
+        {
+            "name": "istio-init",
+            "image": "registry.example/x",
+            "args": ["istio-iptables", *(["-d", "1"] * HUGE_ARGS)],
+        }
+    ]
+    padded = meshed_probe(namespace, f"huge-annotation-{n}")
+    padded["metadata"]["annotations"] = {"pad": "x" * HUGE_ANNOTATION}
+    return [many_args, padded]
+
+
+def create_huge_pods(
+    control_plane: ControlPlane, namespace: str, stop: threading.Event, outcomes: list[str]
+) -> None:
+    """Create huge pods through the API server until ``stop`` (bounded: 120 s at most)."""
+    deadline = time.monotonic() + 120
+    with control_plane.client() as kube:
+        n = 0
+        while not stop.is_set() and time.monotonic() < deadline:
+            n += 1
+            for pod in huge_pods(namespace, n):
+                try:
+                    create(kube, pod)
+                    outcomes.append("created")
+                except ApiError as exc:
+                    outcomes.append(str(exc.status.code))
+
+
+def test_a_normal_pod_is_admitted_while_the_webhook_is_attacked(
+    kube: Client, control_plane: ControlPlane, webhook: Webhook
+) -> None:
+    """Idle TLS connections held on the webhook's port (reopened as it closes them) and huge pods
+    created through the API server, while normal pods are created: each is admitted and mutated,
+    within the API server's own timeout (failurePolicy Fail would refuse it otherwise)."""
+    limit = webhook_attack.raise_open_files(IDLE_HELD + 300)
+    assert limit >= IDLE_HELD + 200, (
+        f"this test needs {IDLE_HELD + 200} open files, the hard limit allows {limit}"
+    )
+    ns = webhook.namespace
+    calm = [timed_create(kube, meshed_probe(ns, f"calm-{i}")) for i in range(3)]
+
+    stop = threading.Event()
+    idle_counts: list[webhook_attack.AttackCounts] = []
+
+    def hold() -> None:
+        ctx = webhook.process.client_context()
+        idle_counts.append(
+            asyncio.run(webhook_attack.hold_idle(webhook.process.port, ctx, IDLE_HELD, stop.is_set))
+        )
+
+    outcomes: list[str] = []
+    attackers = [threading.Thread(target=hold)] + [
+        threading.Thread(target=create_huge_pods, args=(control_plane, ns, stop, outcomes))
+        for _ in range(HUGE_CREATORS)
+    ]
+    for thread in attackers:
+        thread.start()
+    try:
+        time.sleep(5)  # the idle connections are open, huge pods are on their way
+        attacked = [timed_create(kube, meshed_probe(ns, f"attacked-{i}")) for i in range(3)]
+    finally:
+        stop.set()
+        for thread in attackers:
+            thread.join(timeout=150)
+    assert not any(thread.is_alive() for thread in attackers)
+
+    held = idle_counts[0] if idle_counts else webhook_attack.AttackCounts()
+    webhook.process.stop()
+    stats = next((r for r in webhook.process.records() if r.get("msg") == "webhook stopped"), None)
+    print(
+        f"\nnormal pod creation: without attack {[round(s, 3) for s, _ in calm]} s; "
+        f"under attack {[round(s, 3) for s, _ in attacked]} s\n"
+        f"attack: idle connections {held.sent}; huge pods through the API server: "
+        f"{ {o: outcomes.count(o) for o in sorted(set(outcomes))} }\n"
+        f"webhook log: {stats or 'still running'}"
+    )
+    for _, created in attacked:
+        assert init_names(created) == [names.WAITER_CONTAINER]
+    assert held.sent.get("idle", 0) >= IDLE_HELD
+    assert outcomes and "created" not in outcomes  # each was refused: by the webhook or by validation

@@ -280,3 +280,44 @@ async def attack(port: int, ctx: ssl.SSLContext, stop: asyncio.Event, *, max_byt
     ]
     await asyncio.gather(*workers)
     return counts
+
+
+async def hold_idle(
+    port: int, ctx: ssl.SSLContext, count: int, stop: Callable[[], bool], *, deadline: float = ATTACK_DEADLINE
+) -> AttackCounts:
+    """Keep ``count`` idle TLS connections open (handshake done, nothing sent), opening new ones
+    as the server closes them, until ``stop()`` says so or ``deadline`` seconds pass. For a
+    caller on another thread (``stop`` is polled)."""
+    counts = AttackCounts()
+    held: set[asyncio.Task[None]] = set()
+    ends = time.monotonic() + deadline
+    connecting = asyncio.Semaphore(32)
+
+    async def one() -> None:
+        try:
+            async with connecting, asyncio.timeout(max(0.0, ends - time.monotonic())):
+                reader, writer = await _connect(port, ctx)
+        except (*_CLIENT_ERRORS, asyncio.CancelledError):
+            counts.note("idle-refused", None)
+            return
+        counts.note("idle", None)
+        try:
+            while not stop() and time.monotonic() < ends:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        if not await reader.read(4096):
+                            counts.note("idle-closed-by-server", None)
+                            return
+        except _CLIENT_ERRORS:
+            counts.note("idle-closed-by-server", None)
+        finally:
+            _close(writer)
+
+    while not stop() and time.monotonic() < ends:
+        while len(held) < count and not stop():
+            task = asyncio.create_task(one())
+            held.add(task)
+            task.add_done_callback(held.discard)
+        await asyncio.sleep(0.05)
+    await asyncio.gather(*held, return_exceptions=True)
+    return counts
