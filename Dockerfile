@@ -3,8 +3,11 @@
 #
 #   docker build -t REGISTRY/istio-pod-network-controller:TAG .      (or podman / buildah)
 #
-# Docker is not available on the project's development and CI machines, so this file is not built
-# there: it is kept deliberately plain. It runs as a non-root user by default (the webhook and the
+# The project's development and CI machines have no Docker and reach no image registry: there
+# scripts/build-images builds this same file with Debian's buildah (`buildah bud --isolation chroot`)
+# and passes PYTHON_IMAGE, a Debian bookworm + python3.11 base it builds with mmdebstrap, for the
+# real-node tests. So the file stays plain: any PYTHON_IMAGE that is Debian bookworm with `python`
+# (3.11, with venv) and apt will do. It runs as a non-root user by default (the webhook and the
 # waiter need nothing more); the agent's pod runs it as root through its security context.
 
 ARG PYTHON_IMAGE=docker.io/library/python:3.11-slim-bookworm
