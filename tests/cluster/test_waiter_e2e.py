@@ -107,7 +107,7 @@ def rules_sha256(args: list[str]) -> str:
     argv = [sys.executable, "-m", "istio_pod_network_controller.cli", "rules", *flags, "--output", "json"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)  # noqa: S603
     printed = json.loads(done.stdout)
-    return Ruleset(iptables=printed["iptables"], ip6tables=printed["ip6tables"]).sha256()
+    return Ruleset.from_restore_text(printed["iptables"], printed["ip6tables"]).sha256()
 
 
 # -- fixtures ------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ What we pin here is the state of the kernel's tables as iptables-save shows it, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +15,7 @@ from istio_pod_network_controller.node.apply import Applier
 from istio_pod_network_controller.node.backend import Family, Tools
 from istio_pod_network_controller.node.errors import ApplyError, LocateError
 from istio_pod_network_controller.node.netns import Netns
-from istio_pod_network_controller.render import Ruleset
+from istio_pod_network_controller.render import FamilyRules, Rule, Ruleset
 from istio_pod_network_controller.testing.netlab import Netlab
 
 from .conftest import ruleset
@@ -149,16 +150,20 @@ def test_rules_of_others_are_left_alone(pod_ns: Netns, backend_tools: Tools) -> 
         kept = [line for line in now if "ISTIO" not in line and tables.TAG not in line]
         assert kept == expected
     # Removing our rules gives back exactly what the others had.
-    applier.apply(pod_ns, Ruleset("", ""))
+    applier.apply(pod_ns, Ruleset(FamilyRules(), FamilyRules()))
     assert ruleset_lines(pod_ns, backend_tools) == theirs[0]
     assert ruleset_lines(pod_ns, backend_tools, Family.IPV6) == theirs[1]
     assert empty != (save(pod_ns, backend_tools), save(pod_ns, backend_tools, Family.IPV6))
 
 
-def _break_nat(text: str) -> str:
-    """A ruleset that the kernel refuses in its nat table only (after mangle was committed)."""
-    assert "* mangle" in text and "* nat" in text
-    return text.replace("-A ISTIO_OUTPUT -j ISTIO_REDIRECT", "-A ISTIO_OUTPUT -j ISTIO_NO_SUCH_CHAIN")
+def _break_nat(rules: FamilyRules) -> FamilyRules:
+    """Rules that the kernel refuses in the nat table only (after mangle was committed): the
+    last jump to ISTIO_REDIRECT goes to a chain that does not exist."""
+    assert {"mangle", "nat"} <= {rule.table for rule in rules.rules}
+    jump = Rule("nat", "ISTIO_OUTPUT", (), "ISTIO_REDIRECT")
+    assert jump in rules.rules
+    broken = tuple(r._replace(jump="ISTIO_NO_SUCH_CHAIN") if r == jump else r for r in rules.rules)
+    return FamilyRules(rules.chains, broken)
 
 
 def test_failed_restore_leaves_the_previous_ruleset_intact(pod_ns: Netns, backend_tools: Tools) -> None:
@@ -167,7 +172,7 @@ def test_failed_restore_leaves_the_previous_ruleset_intact(pod_ns: Netns, backen
     applier.apply(pod_ns, ruleset("--ipv6"))
     before = ruleset_lines(pod_ns, backend_tools), ruleset_lines(pod_ns, backend_tools, Family.IPV6)
     good = ruleset("--ipv6", "--drop-invalid")
-    broken = Ruleset(_break_nat(good.iptables), good.ip6tables)
+    broken = dataclasses.replace(good, v4=_break_nat(good.v4))
     with pytest.raises(ApplyError) as failed:
         applier.apply(pod_ns, broken)
     assert failed.value.step == "iptables-restore"
@@ -181,7 +186,7 @@ def test_failed_ipv6_restore_rolls_back_ipv4(pod_ns: Netns, backend_tools: Tools
     applier.apply(pod_ns, ruleset("--ipv6"))
     before = ruleset_lines(pod_ns, backend_tools), ruleset_lines(pod_ns, backend_tools, Family.IPV6)
     good = ruleset("--ipv6", "--drop-invalid", "-o", "9999")
-    broken = Ruleset(good.iptables, _break_nat(good.ip6tables))
+    broken = dataclasses.replace(good, v6=_break_nat(good.v6))
     with pytest.raises(ApplyError) as failed:
         applier.apply(pod_ns, broken)
     assert failed.value.step == "ip6tables-restore"
@@ -192,7 +197,7 @@ def test_a_ruleset_creating_a_chain_we_do_not_own_is_refused_untouched(
     pod_ns: Netns, nft_tools: Tools
 ) -> None:
     before = save(pod_ns, nft_tools)
-    bad = Ruleset("* nat\n-N KUBE-SERVICES\n-A KUBE-SERVICES -j RETURN\nCOMMIT\n", "")
+    bad = Ruleset.from_restore_text("* nat\n-N KUBE-SERVICES\n-A KUBE-SERVICES -j RETURN\nCOMMIT\n", "")
     with pytest.raises(ApplyError) as failed:
         Applier(nft_tools).apply(pod_ns, bad)
     assert failed.value.step == "prepare"
@@ -268,9 +273,7 @@ def test_a_stray_chain_in_a_later_table_is_replaced_not_duplicated(
     assert pod_ns.run([backend_tools.command(Family.IPV4), "-w", "-t", "raw", "-N", "ISTIO_OUTPUT_DNS"]).ok
     rules = ruleset("--redirect-dns", "--capture-all-dns")
     Applier(backend_tools).apply(pod_ns, rules)
-    reference = Applier(backend_tools).expected.compute(
-        backend_tools, Family.IPV4, tables.desired_from_restore(rules.iptables)
-    )
+    reference = Applier(backend_tools).expected.compute(backend_tools, Family.IPV4, tables.desired(rules.v4))
     assert ours(pod_ns, backend_tools) == sorted(reference.rule_lines())
 
 

@@ -87,16 +87,17 @@ class NamespaceLocks:
 
 class ExpectedCache:
     """Our part of a ruleset as the kernel shows it after loading it into an empty namespace,
-    cached per (backend, family, text): the reference that verification compares against."""
+    cached per (backend, family, desired rules): the reference that verification compares
+    against."""
 
     def __init__(self, size: int = 256) -> None:
         self._size = size
-        self._items: OrderedDict[tuple[str, Family, str], tables.Owned] = OrderedDict()
+        self._items: OrderedDict[tuple[str, Family, tables.Desired], tables.Owned] = OrderedDict()
         self._guard = threading.Lock()
 
     @staticmethod
-    def _key(tools: Tools, family: Family, desired: tables.Desired) -> tuple[str, Family, str]:
-        return (tools.backend.value, family, tables.replace_transaction(tables.Owned(), desired))
+    def _key(tools: Tools, family: Family, desired: tables.Desired) -> tuple[str, Family, tables.Desired]:
+        return (tools.backend.value, family, desired)
 
     def get(self, tools: Tools, family: Family, desired: tables.Desired) -> tables.Owned | None:
         key = self._key(tools, family, desired)
@@ -221,8 +222,8 @@ class Applier:
     def _apply_locked(self, ns: Netns, ruleset: Ruleset, fresh: bool | None, replaced: list[str]) -> bool:
         try:
             fams = [
-                _Family(Family.IPV4, tables.desired_from_restore(ruleset.iptables)),
-                _Family(Family.IPV6, tables.desired_from_restore(ruleset.ip6tables)),
+                _Family(Family.IPV4, tables.desired(ruleset.v4)),
+                _Family(Family.IPV6, tables.desired(ruleset.v6)),
             ]
         except tables.RulesetFormatError as exc:
             raise ApplyError("prepare", str(exc)) from None

@@ -3,7 +3,8 @@
 A pod's namespace may hold rules that are not ours (a CNI plugin's, an admin's), so re-applying
 must touch only what we own: the chains named in ``OWN_CHAINS``, every rule that jumps into them,
 and the rules we add to other chains, which carry a comment tag because nothing else marks them.
-Pure text in, text out: the tricky half of applying is tested here without a kernel.
+What we want comes in as structured rules (``render.rules``); what the kernel holds comes back as
+``iptables-save`` text, the one text we parse here. Pure: tested without a kernel.
 """
 
 from __future__ import annotations
@@ -13,22 +14,34 @@ import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from ..render.rules import TABLES, FamilyRules, Rule, RulesetFormatError
 from ..render.ruleset import OWN_CHAINS
+
+__all__ = [
+    "TABLES",
+    "TAG",
+    "Chain",
+    "Desired",
+    "Owned",
+    "Placed",
+    "RulesetFormatError",
+    "SavedRule",
+    "SavedState",
+    "committed_tables",
+    "create_transaction",
+    "creates_nat_first",
+    "describe_difference",
+    "desired",
+    "desired_from_owned",
+    "owned",
+    "parse_save",
+    "replace_transaction",
+    "without",
+]
 
 # Marks the rules we put into chains we do not own (PREROUTING, OUTPUT, ...), so that a later
 # apply can find and remove exactly them. Unquoted in iptables-save output (letters and dashes).
 TAG = "istio-pod-network-controller"
-TAG_MATCH = f"-m comment --comment {TAG}"
-
-TABLES = ("raw", "mangle", "nat", "filter", "security")
-_CHAIN = r"[A-Za-z0-9_.-]{1,28}"
-_DECLARE = re.compile(rf"^(?:-N\s+({_CHAIN})|:({_CHAIN})\s+-(?:\s+\[\d+:\d+\])?)$")
-_RULE = re.compile(rf"^(-A|-I)\s+({_CHAIN})(?:\s+(\d+))?\s+(\S.*)$")
-
-
-class RulesetFormatError(ValueError):
-    """A restore text uses a form the node side does not apply (it only accepts what the
-    renderer writes: ``*table``, ``-N``, ``:chain``, ``-A``, ``-I``, ``COMMIT``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,18 +104,42 @@ class Owned:
 
 
 @dataclass(frozen=True, slots=True)
-class Desired:
-    """What we want to own in one family: per table, the own chains that must exist and the rule
-    lines (``-A CHAIN spec`` / ``-I CHAIN N spec``) that fill them, in order."""
+class SavedRule:
+    """One of our rules as ``iptables-save`` printed it, written back verbatim on rollback: the
+    kernel's own spelling (quotes included), so it is never split and re-joined."""
 
-    chains: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    lines: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    table: str
+    chain: str
+    spec: str
+    position: int | None = None
+
+    def line(self) -> str:
+        head = f"-A {self.chain}" if self.position is None else f"-I {self.chain} {self.position}"
+        return f"{head} {self.spec}".rstrip()
+
+
+@dataclass(frozen=True, slots=True)
+class Desired:
+    """What we want to own in one family: the own chains that must exist, as (table, chain), and
+    the rules that fill them and others' chains, in order (those in others' chains carry the
+    tag). Hashable: it keys the verification cache."""
+
+    chains: tuple[tuple[str, str], ...] = ()
+    rules: tuple[Rule | SavedRule, ...] = ()
 
     def tables(self) -> list[str]:
-        return [t for t in TABLES if t in self.chains or t in self.lines]
+        used = {table for table, _ in self.chains} | {rule.table for rule in self.rules}
+        return [t for t in TABLES if t in used]
+
+    def chains_in(self, table: str) -> list[str]:
+        return [chain for t, chain in self.chains if t == table]
+
+    def lines_in(self, table: str) -> list[str]:
+        """The rules of ``table`` as restore lines, in order."""
+        return [rule.line() for rule in self.rules if rule.table == table]
 
     def is_empty(self) -> bool:
-        return not any(self.chains.values()) and not any(self.lines.values())
+        return not self.chains and not self.rules
 
 
 def parse_save(text: str) -> SavedState:
@@ -171,75 +208,39 @@ def owned(state: SavedState) -> Owned:
     return Owned(chains, placed)
 
 
-def desired_from_restore(text: str) -> Desired:
-    """Read a rendered ``--noflush`` restore text into a Desired, tagging the rules it adds to
-    chains we do not own. Rejects any form we could not later undo."""
-    chains: dict[str, list[str]] = {}
-    lines: dict[str, list[str]] = {}
-    table: str | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "\0" in line or "\r" in line:
-            raise RulesetFormatError("control character in a rule line")
-        if line.startswith("*"):
-            if table is not None:
-                raise RulesetFormatError(f"table {table} not committed before {line!r}")
-            table = line[1:].strip()
-            if table not in TABLES:
-                raise RulesetFormatError(f"unknown table {table!r}")
-            chains.setdefault(table, [])
-            lines.setdefault(table, [])
-            continue
-        if table is None:
-            raise RulesetFormatError(f"line outside a table: {line!r}")
-        if line == "COMMIT":
-            table = None
-            continue
-        own = OWN_CHAINS.get(table, ())
-        declared = _DECLARE.match(line)
-        if declared:
-            name = declared.group(1) or declared.group(2)
-            if name not in own:
-                raise RulesetFormatError(f"chain {name!r} in table {table} is not one we own")
-            if name not in chains[table]:
-                chains[table].append(name)
-            continue
-        rule = _RULE.match(line)
-        if not rule:
-            raise RulesetFormatError(f"unsupported restore line: {line!r}")
-        verb, name, position, spec = rule.groups()
-        if verb == "-A" and position is not None:
-            spec = f"{position} {spec}"
-            position = None
-        if name in own:
-            if name not in chains[table]:
-                raise RulesetFormatError(f"rule for a chain not created first: {line!r}")
-            lines[table].append(line)
-            continue
-        head = f"{verb} {name}" + (f" {position}" if position else "")
-        lines[table].append(f"{head} {TAG_MATCH} {spec}")
-    if table is not None:
-        raise RulesetFormatError(f"table {table} not committed")
-    return Desired(
-        {t: tuple(c) for t, c in chains.items() if c},
-        {t: tuple(ls) for t, ls in lines.items() if ls},
-    )
+def desired(rules: FamilyRules) -> Desired:
+    """Our part of one family's rendered rules: the rules we add to chains we do not own get the
+    tag. Refuses what we could not later undo: a chain we do not own, a rule into one of our
+    chains that the ruleset does not create."""
+    for table, chain in rules.chains:
+        if table not in TABLES:
+            raise RulesetFormatError(f"unknown table {table!r}")
+        if chain not in OWN_CHAINS.get(table, ()):
+            raise RulesetFormatError(f"chain {chain!r} in table {table} is not one we own")
+    created = set(rules.chains)
+    out: list[Rule | SavedRule] = []
+    for rule in rules.rules:
+        if rule.table not in TABLES:
+            raise RulesetFormatError(f"unknown table {rule.table!r}")
+        if rule.chain not in OWN_CHAINS.get(rule.table, ()):
+            out.append(rule._replace(comment=TAG))
+        elif (rule.table, rule.chain) in created:
+            out.append(rule)
+        else:
+            raise RulesetFormatError(f"rule for a chain not created first: {rule.table} {rule.line()!r}")
+    return Desired(rules.chains, tuple(out))
 
 
 def desired_from_owned(current: Owned) -> Desired:
     """The Desired that recreates ``current`` exactly: used to roll back. Our rules in others'
     chains go back to their old positions (exact while the others' rules are unchanged)."""
-    chains: dict[str, list[str]] = {}
-    lines: dict[str, list[str]] = {}
-    for (table, name), rules in current.chains.items():
-        chains.setdefault(table, []).append(name)
-        lines.setdefault(table, []).extend(f"-A {name} {r}".rstrip() for r in rules)
+    rules: list[SavedRule] = []
+    for (table, name), specs in current.chains.items():
+        rules += [SavedRule(table, name, spec) for spec in specs]
     for (table, name), placed in current.placed.items():
-        for p in sorted(placed, key=lambda p: p.position):
-            lines.setdefault(table, []).append(f"-I {name} {p.position} {p.rule}".rstrip())
-    return Desired({t: tuple(c) for t, c in chains.items()}, {t: tuple(ls) for t, ls in lines.items()})
+        in_order = sorted(placed, key=lambda p: p.position)
+        rules += [SavedRule(table, name, p.rule, p.position) for p in in_order]
+    return Desired(tuple(current.chains), tuple(sorted(rules, key=lambda rule: TABLES.index(rule.table))))
 
 
 def replace_transaction(current: Owned, desired: Desired) -> str:
@@ -254,12 +255,12 @@ def replace_transaction(current: Owned, desired: Desired) -> str:
         for (t, name), placed in current.placed.items():
             if t == table:
                 body += [f"-D {name} {p.rule}".rstrip() for p in placed]
-        keep = desired.chains.get(table, ())
+        keep = desired.chains_in(table)
         body += [f":{name} - [0:0]" for name in keep]
         drop = [name for (t, name) in current.chains if t == table and name not in keep]
         body += [f"-F {name}" for name in drop]
         body += [f"-X {name}" for name in drop]
-        body += list(desired.lines.get(table, ()))
+        body += desired.lines_in(table)
         if body:
             out += [f"*{table}", *body, "COMMIT"]
     return "\n".join(out) + "\n" if out else ""
@@ -301,15 +302,16 @@ def create_transaction(desired: Desired) -> str:
     the chain exists) instead of a create-or-flush, and no removals. Used without reading first;
     if the belief is wrong it fails in the nat table, before anything is committed."""
     out: list[str] = []
-    for table in (t for t in CREATE_ORDER if t in desired.chains or t in desired.lines):
-        out += [f"*{table}", *(f"-N {c}" for c in desired.chains.get(table, ()))]
-        out += [*desired.lines.get(table, ()), "COMMIT"]
+    used = desired.tables()
+    for table in (t for t in CREATE_ORDER if t in used):
+        out += [f"*{table}", *(f"-N {c}" for c in desired.chains_in(table))]
+        out += [*desired.lines_in(table), "COMMIT"]
     return "\n".join(out) + "\n" if out else ""
 
 
 def creates_nat_first(desired: Desired) -> bool:
     """Whether ``create_transaction`` of ``desired`` opens with a nat table that creates chains."""
-    return bool(desired.chains.get("nat"))
+    return bool(desired.chains_in("nat"))
 
 
 def committed_tables(text: str, stderr: str) -> set[str]:
