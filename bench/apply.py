@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import shlex
 import statistics
 import subprocess
 import sys
@@ -39,18 +38,25 @@ def default_sidecar_ruleset() -> Ruleset:
     return render(spec_from_pod(SIDECAR_POD))
 
 
+def per_rule_commands(ruleset: Ruleset, family: Family) -> list[list[str]]:
+    """``iptables`` arguments for each chain and rule of one family, in restore order."""
+    rules = ruleset.v4 if family is Family.IPV4 else ruleset.v6
+    out: list[list[str]] = []
+    for table, chains, table_rules in rules.by_table():
+        out += [["-t", table, "-N", chain] for chain in chains]
+        out += [["-t", table, *rule.argv()] for rule in table_rules]
+    return out
+
+
 def one_command_per_rule(tools: Tools, ns: Netns, ruleset: Ruleset) -> None:
     """The original controller's way: each rule its own iptables process in the namespace."""
-    for family, text in ((Family.IPV4, ruleset.iptables), (Family.IPV6, ruleset.ip6tables)):
-        table = ""
-        for line in text.splitlines():
-            if line.startswith("*"):
-                table = line[1:].strip()
-            elif line.startswith(("-N ", "-A ", "-I ")):
-                done = ns.run([tools.command(family), "-w", "-t", table, *shlex.split(line)])
-                if not done.ok:
-                    raise RuntimeError(done.reason())
-        if text:
+    for family in Family:
+        commands = per_rule_commands(ruleset, family)
+        for args in commands:
+            done = ns.run([tools.command(family), "-w", *args])
+            if not done.ok:
+                raise RuntimeError(done.reason())
+        if commands:
             saved = ns.run(tools.save_argv(family))
             if not saved.ok:
                 raise RuntimeError(saved.reason())
@@ -59,13 +65,8 @@ def one_command_per_rule(tools: Tools, ns: Netns, ruleset: Ruleset) -> None:
 def in_namespace_per_rule(tools: Tools, ns: Netns, ruleset: Ruleset) -> None:
     """The same, with a single entry into the namespace: ``xargs`` there runs one iptables
     process per line, like a script run inside the pod by istio-init (cheaper than the above)."""
-    for family, text in ((Family.IPV4, ruleset.iptables), (Family.IPV6, ruleset.ip6tables)):
-        table, lines = "", []
-        for line in text.splitlines():
-            if line.startswith("*"):
-                table = line[1:].strip()
-            elif line.startswith(("-N ", "-A ", "-I ")):
-                lines.append(f"-t {table} {line}")
+    for family in Family:
+        lines = [" ".join(args) for args in per_rule_commands(ruleset, family)]
         if not lines:
             continue
         done = ns.run(["xargs", "-L", "1", tools.command(family), "-w"], stdin="\n".join(lines) + "\n")
