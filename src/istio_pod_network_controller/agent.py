@@ -43,7 +43,7 @@ from .node.netns import Netns, NetnsId, netns_id_of
 from .observe import Metrics, ReconcileResult
 from .probe import VERIFY_KEY, probe_plan, waiter_ids
 from .render import Ruleset, render
-from .spec import OutOfScope, RedirectSpec, SpecError, parse_flags, spec_from_pod
+from .spec import RedirectSpec, SpecError, parse_flags, spec_from_pod
 from .spec.canonical import to_args
 from .workqueue import ShutDown, WorkQueue
 
@@ -59,6 +59,7 @@ class Outcome(enum.Enum):
     def result(self) -> ReconcileResult:
         """controller-runtime's name for it, in the reconcile metrics."""
         return ReconcileResult.SUCCESS if self is Outcome.DONE else ReconcileResult.REQUEUE
+
 
 @dataclass(frozen=True)
 class AgentConfig:
@@ -111,7 +112,7 @@ class Plan:
 
 
 def plan_from_pod(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None) -> Plan:
-    """Raises SpecError or OutOfScope. Runs in a worker thread: its cost grows with the pod."""
+    """Raises SpecError. Runs in a worker thread: its cost grows with the pod."""
     return Plan.of(spec_from_pod(pod, namespace))
 
 
@@ -289,8 +290,6 @@ class Agent:
         if plan is None:
             try:
                 plan = await self._off_loop(plan_from_pod, pod, namespace)
-            except OutOfScope:
-                return Outcome.DONE
             except SpecError as exc:
                 await self._report_error(pod, ref, "InvalidConfiguration", str(exc), fields)
                 return Outcome.DONE  # no retry until the pod changes
@@ -475,8 +474,10 @@ class Agent:
                     self.reconcile(uid), timeout=self.config.reconcile_deadline_seconds
                 )
             except TimeoutError:
-                log.error("reconcile ran past its deadline: given up, retried later",
-                          extra={"uid": uid, "deadlineSeconds": self.config.reconcile_deadline_seconds})
+                log.error(
+                    "reconcile ran past its deadline: given up, retried later",
+                    extra={"uid": uid, "deadlineSeconds": self.config.reconcile_deadline_seconds},
+                )
                 self.metrics.reconcile_deadline_exceeded.inc()  # fmt: skip
             except Exception as exc:  # an API hiccup or a bug: log it, retry, keep serving
                 log.error("reconcile failed", extra={"uid": uid, "error": f"{type(exc).__name__}: {exc}"})

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import names
-from .spec.pod import annotations_of, proxy_container
+from .spec.pod import PROXY_CONTAINER, annotations_of, envoy_disabled, proxy_container, proxy_type
 
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system",)
 
@@ -36,8 +36,25 @@ def has_waiter(pod: Mapping[str, Any]) -> bool:
     return any(isinstance(c, Mapping) and c.get("name") == names.WAITER_CONTAINER for c in inits)
 
 
-def has_mesh_sidecar(pod: Mapping[str, Any]) -> bool:
-    return proxy_container(pod) is not None or names.SIDECAR_STATUS in annotations_of(pod)
+def scope_problem(pod: Mapping[str, Any]) -> str | None:
+    """Why a pod can never be programmed, whatever its opt-in (None when it can): the pods that
+    Istio's CNI plugin also leaves alone, and OpenShift's deployer and build pods."""
+    spec = pod.get("spec")
+    if isinstance(spec, Mapping) and spec.get("hostNetwork") is True:
+        return "pod uses the host network: it has no network namespace of its own to program"
+    annotations = annotations_of(pod)
+    if names.OPENSHIFT_DEPLOYER in annotations or names.OPENSHIFT_BUILD in annotations:
+        return "OpenShift deployer or build pod"
+    proxy = proxy_container(pod)
+    if proxy is None:
+        return f"pod has no Istio sidecar (no '{PROXY_CONTAINER}' container or native sidecar)"
+    kind = proxy_type(proxy)
+    if kind not in ("", "sidecar"):
+        # Gateways run `proxy router`: they listen where sidecar capture would redirect to.
+        return f"its proxy is of type {kind[:40]!r}, not a sidecar (a gateway): capture would break it"
+    if envoy_disabled(proxy):
+        return "its proxy runs without Envoy (DISABLE_ENVOY): nothing would receive captured traffic"
+    return None
 
 
 def opted_in(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None) -> str | None:
@@ -61,19 +78,14 @@ def decide(
     *,
     excluded_namespaces: Collection[str] = DEFAULT_EXCLUDED_NAMESPACES,
 ) -> Decision:
-    spec = pod.get("spec") if isinstance(pod.get("spec"), Mapping) else {}
     metadata = pod.get("metadata") if isinstance(pod.get("metadata"), Mapping) else {}
-    assert isinstance(spec, Mapping) and isinstance(metadata, Mapping)
-    if spec.get("hostNetwork") is True:
-        return Decision(False, "host network pod")
-    annotations = annotations_of(pod)
-    if names.OPENSHIFT_DEPLOYER in annotations or names.OPENSHIFT_BUILD in annotations:
-        return Decision(False, "OpenShift deployer or build pod")
+    assert isinstance(metadata, Mapping)
     ns_name = metadata.get("namespace") or _name_of(namespace)
     if ns_name in excluded_namespaces:
         return Decision(False, f"namespace {ns_name} is excluded")
-    if not has_mesh_sidecar(pod):
-        return Decision(False, "no mesh sidecar")
+    problem = scope_problem(pod)
+    if problem is not None:
+        return Decision(False, problem)
     how = opted_in(pod, namespace)
     if how is None:
         return Decision(False, "not opted in")

@@ -36,7 +36,7 @@ from typing import Any
 
 from . import names
 from .decide import DEFAULT_EXCLUDED_NAMESPACES, decide
-from .spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
+from .spec import RedirectSpec, SpecError, spec_from_pod
 from .spec.model import DEFAULT_PROXY_UID
 from .spec.pod import (
     ANN_OPENSHIFT_UID_RANGE,
@@ -353,13 +353,11 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
         args = istio_init_args(_mapping(inits[istio_init]))
         try:
             spec = spec_from_pod(_before(pod), namespace)
-        except OutOfScope as exc:
-            return Unchanged(f"the agent would not program it: {exc.reason}")
         except SpecError as exc:
             return Denied(f"{names.WAITER_CONTAINER} cannot replace {INIT_CONTAINER}: {exc}")
         try:
             kept: RedirectSpec | str = spec_from_pod(_after(pod, args), namespace)
-        except (SpecError, OutOfScope) as exc:
+        except SpecError as exc:
             kept = str(exc)
         if kept != spec:
             return Denied(
@@ -369,8 +367,6 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
     else:
         try:
             spec = spec_from_pod(pod, namespace)
-        except OutOfScope as exc:
-            return Unchanged(f"the agent would not program it: {exc.reason}")
         except SpecError:
             spec = None  # admitted: the agent reports it on the pod, and it can be fixed in place
 

@@ -214,7 +214,7 @@ def parse_annotations(data: bytes | str) -> dict[str, str]:
     for number, line in enumerate(raw.split(b"\n"), start=1):
         key_bytes, eq, value_bytes = line.partition(b"=")
         if not eq:
-            raise PodinfoFormatError(number, "expected key=\"value\"")
+            raise PodinfoFormatError(number, 'expected key="value"')
         try:
             key = key_bytes.decode("utf-8")
         except UnicodeDecodeError:

@@ -58,14 +58,38 @@ def test_excluded_namespace() -> None:
     assert not decide(pod(OPT_IN), ns(), excluded_namespaces={"shop"}).ours
 
 
-def test_pod_without_sidecar_is_not_ours_unless_istio_marked_it() -> None:
+def test_pod_without_a_proxy_container_is_not_ours_even_if_istio_marked_it() -> None:
     bare = {
         "metadata": {"namespace": "shop", "annotations": OPT_IN},
         "spec": {"containers": [{"name": "app"}]},
     }
     assert not decide(bare, None).ours
     bare["metadata"]["annotations"] = {**OPT_IN, names.SIDECAR_STATUS: "{}"}
-    assert decide(bare, None).ours
+    decision = decide(bare, None)
+    assert not decision.ours and "no Istio sidecar" in decision.reason
+
+
+def test_a_gateway_is_not_ours() -> None:
+    """Istio's gateway injection (`inject.istio.io/templates: gateway`) runs `proxy router`: sidecar
+    capture would send the gateway's inbound traffic to 15006, where nothing listens."""
+    args = ["proxy", "router", "--domain", "$(POD_NAMESPACE).svc.cluster.local"]
+    gateway = pod(OPT_IN, containers=[{"name": "istio-proxy", "image": "auto", "args": args}])
+    decision = decide(gateway, ns())
+    assert not decision.ours and "'router'" in decision.reason and "gateway" in decision.reason
+
+
+def test_a_sidecar_proxy_type_or_none_is_ours() -> None:
+    for args in (["proxy", "sidecar", "--domain", "x"], [], ["--concurrency", "2"]):
+        assert decide(pod(OPT_IN, containers=[{"name": "istio-proxy", "args": args}]), ns()).ours, args
+
+
+def test_disable_envoy_is_not_ours() -> None:
+    env = [{"name": "DISABLE_ENVOY", "value": "true"}]
+    proxy: dict[str, Any] = {"name": "istio-proxy", "args": ["proxy", "sidecar"], "env": env}
+    decision = decide(pod(OPT_IN, containers=[{"name": "app"}, proxy]), ns())
+    assert not decision.ours and "DISABLE_ENVOY" in decision.reason
+    proxy["env"] = [{"name": "DISABLE_ENVOY", "value": "false"}]
+    assert decide(pod(OPT_IN, containers=[{"name": "app"}, proxy]), ns()).ours
 
 
 def test_native_sidecar_counts() -> None:

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from istio_pod_network_controller import names
+from istio_pod_network_controller.decide import scope_problem
 from istio_pod_network_controller.inject import (
     DEFAULT_WAITER_UID,
     Denied,
@@ -289,7 +290,7 @@ def test_a_namespace_opt_in_counts(injected_dir: Path) -> None:
 
 def test_host_network_and_excluded_namespaces_are_unchanged(injected_dir: Path) -> None:
     host = injected("hello-host-network.yaml.injected", injected_dir)
-    assert mutate_pod(host, None, SETTINGS) == Unchanged("host network pod")
+    assert mutate_pod(host, None, SETTINGS) == Unchanged(scope_problem(host) or "")
     pod = injected("hello.yaml.injected", injected_dir)
     pod["metadata"]["namespace"] = "kube-system"
     assert isinstance(mutate_pod(pod, None, SETTINGS), Unchanged)
@@ -300,7 +301,7 @@ def test_a_pod_with_only_istios_status_annotation_is_not_given_a_waiter_that_wou
            "spec": {"containers": [{"name": "app"}]}}  # fmt: skip
     mutation = mutate_pod(pod, None, SETTINGS)
     assert isinstance(mutation, Unchanged)
-    assert "would not program" in mutation.reason
+    assert "no Istio sidecar" in mutation.reason
 
 
 # -- patch shapes --------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from istio_pod_network_controller.cli import main
+from istio_pod_network_controller.commands.common import spec_for_manifest
 from istio_pod_network_controller.render import render
 from istio_pod_network_controller.spec import OutOfScope, parse_flags, spec_from_pod
 from istio_pod_network_controller.spec.manifest import load_pod
@@ -91,9 +92,9 @@ def pod(**extra: Any) -> dict[str, Any]:
     return base
 
 
-def test_pod_without_sidecar_is_out_of_scope() -> None:
+def test_a_manifest_without_sidecar_is_out_of_scope_for_the_commands() -> None:
     with pytest.raises(OutOfScope, match="no Istio sidecar"):
-        spec_from_pod({"kind": "Pod", "metadata": {}, "spec": {"containers": [{"name": "app"}]}})
+        spec_for_manifest({"kind": "Pod", "metadata": {}, "spec": {"containers": [{"name": "app"}]}}, None)
 
 
 def test_ipv6_pod_address_turns_on_ip6tables() -> None:

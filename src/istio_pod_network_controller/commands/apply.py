@@ -20,10 +20,10 @@ from ..node.backend import Backend, detect
 from ..node.errors import LocateError, NodeError
 from ..node.netns import Netns
 from ..render import Ruleset, render
-from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
+from ..spec import OutOfScope, RedirectSpec, SpecError
 from ..spec.flags import add_redirect_flags, check_arg_count
 from ..spec.manifest import ManifestError, load_object, load_pod
-from .common import spec_problem
+from .common import spec_for_manifest, spec_problem
 from .rules import spec_from_cli
 
 
@@ -92,7 +92,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
             raise SpecError(rest[0], rest[0], "give either istio-iptables flags or --pod, not both")
         pod = load_pod(args.pod)
         namespace = load_object(args.namespace) if args.namespace else None
-        spec = spec_from_pod(pod, namespace)
+        spec = spec_for_manifest(pod, namespace)
         if not args.pod_ip:
             args.pod_ip = _pod_ips(pod)
         uid = (pod.get("metadata") or {}).get("uid")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..cli import EXIT_INVALID, EXIT_OUT_OF_SCOPE, PROG
-from ..spec import OutOfScope, SpecError
+from ..decide import scope_problem
+from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
 from ..spec.manifest import ManifestError
+from ..spec.pod import TRAFFIC_ANNOTATIONS, annotations_of
 
 SpecProblem = OutOfScope | SpecError | ManifestError
 
@@ -27,6 +30,19 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
         return value
 
     return parse
+
+
+def spec_for_manifest(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None) -> RedirectSpec:
+    """The spec of a pod given as a file (`rules --pod`, `apply --pod`); OutOfScope with the
+    agent's own reason for a pod it would never program. Traffic annotations are checked even
+    then: a wrong value is worth saying before "not ours"."""
+    problem = scope_problem(pod)
+    if problem is None:
+        return spec_from_pod(pod, namespace)
+    host_network = (pod.get("spec") or {}).get("hostNetwork") is True
+    if not host_network and any(a in annotations_of(pod) for a in TRAFFIC_ANNOTATIONS):
+        spec_from_pod(pod, namespace)
+    raise OutOfScope(problem)
 
 
 def spec_problem(command: str, exc: SpecProblem) -> int:

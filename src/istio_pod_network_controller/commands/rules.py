@@ -8,10 +8,10 @@ import sys
 
 from ..cli import EXIT_OK, PROG
 from ..render import Ruleset, render
-from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
+from ..spec import OutOfScope, RedirectSpec, SpecError
 from ..spec.flags import FLAGS, add_redirect_flags, check_arg_count, normalize_argv, spec_from_args
 from ..spec.manifest import ManifestError, load_object, load_pod
-from .common import spec_problem
+from .common import spec_for_manifest, spec_problem
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +49,7 @@ def spec_from_cli(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
             raise SpecError(name, name, "give either istio-iptables flags or --pod, not both")
         pod = load_pod(args.pod)
         namespace = load_object(args.namespace) if args.namespace else None
-        return args, spec_from_pod(pod, namespace)
+        return args, spec_for_manifest(pod, namespace)
     if args.namespace:
         raise SpecError("--namespace", args.namespace, "--namespace goes with --pod")
     return args, spec_from_args(args, falses=falses)

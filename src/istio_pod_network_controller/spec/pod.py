@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..bounded import BoundedJsonError, loads_bounded, utf8_size
 from . import values as v
-from .errors import OutOfScope, SpecError, check_limit
+from .errors import SpecError, check_limit
 from .flags import check_arg_count, owner_groups_from, parse_flags
 from .limits import (
     MAX_ANNOTATION_VALUE_BYTES,
@@ -46,6 +47,7 @@ ANN_OPENSHIFT_UID_RANGE = "openshift.io/sa.scc.uid-range"
 
 ENV_DNS_CAPTURE = "ISTIO_META_DNS_CAPTURE"
 ENV_INVALID_DROP = "INVALID_DROP"
+ENV_DISABLE_ENVOY = "DISABLE_ENVOY"
 
 # Istio CNI's fixed inbound exclusions (status, health, Prometheus) and default outbound one.
 ALWAYS_EXCLUDED_INBOUND = (15020, 15021, 15090)
@@ -128,28 +130,30 @@ def pod_has_ipv6(pod: Obj) -> bool:
     return False
 
 
-def out_of_scope_reason(pod: Obj) -> str | None:
-    """Why a pod cannot be programmed at all, whatever its opt-in (None when it can)."""
-    spec = _mapping(pod.get("spec"))
-    if spec.get("hostNetwork") is True:
-        return "pod uses the host network: it has no network namespace of its own to program"
-    if proxy_container(pod) is None:
-        return f"pod has no Istio sidecar (no '{PROXY_CONTAINER}' container or native sidecar)"
-    return None
+def proxy_type(proxy: Obj) -> str:
+    """The proxy's type as Istio's CNI plugin reads it: the word after ``proxy`` in the
+    container's args (``sidecar``, or ``router`` for gateways); empty when the args do not say."""
+    args = [a for a in _list(proxy.get("args")) if isinstance(a, str)]
+    for word, following in itertools.pairwise(args):
+        if word == "proxy":
+            return following
+    return ""
+
+
+def envoy_disabled(proxy: Obj) -> bool:
+    """``DISABLE_ENVOY`` set true on the proxy (proxyless gRPC): no Envoy, nothing to redirect to."""
+    value = env_of(proxy).get(ENV_DISABLE_ENVOY, "")
+    try:
+        return v.parse_bool(ENV_DISABLE_ENVOY, value) if value.strip() else False
+    except SpecError:
+        return False  # as Istio's CNI plugin, which ignores a value it cannot parse
 
 
 def spec_from_pod(pod: Obj, namespace: Obj | None = None) -> RedirectSpec:
-    """Pod manifest -> spec. Raises OutOfScope or SpecError (naming the annotation or flag)."""
+    """Pod manifest -> spec, for a pod in scope (``decide.scope_problem`` says which are).
+    Raises SpecError naming the annotation or flag."""
     annotations = annotations_of(pod)
-    reason = out_of_scope_reason(pod)
-    proxy = proxy_container(pod)
-    if reason or proxy is None:
-        if not _mapping(pod.get("spec")).get("hostNetwork") and any(
-            a in annotations for a in TRAFFIC_ANNOTATIONS
-        ):
-            # Traffic annotations are wrong whatever else the pod is: say so before "not ours".
-            _from_cni_semantics(pod, {}, annotations, namespace)
-        raise OutOfScope(reason or "no proxy")
+    proxy = proxy_container(pod) or {}
     ipv6 = pod_has_ipv6(pod)
 
     if ANN_IPTABLES_ARGS in annotations:
