@@ -76,10 +76,11 @@ ADMISSION_API = "admission.k8s.io/v1"
 # AdmissionReview carries the object re-encoded as JSON (quotes, defaults) plus its envelope, so a
 # third more than the API server's limit refuses nothing that could ever be created.
 MAX_REVIEW_BYTES = 4 * 1024 * 1024
-# JSON objects, arrays and strings in one body (counted before decoding, strings by their quotes):
-# decoding turns each into a Python object of 50 to 200 bytes, so this bounds the memory one
-# decoded review takes (a 3 MiB pod of only "ab" strings would otherwise take 50 MB). A pod with
-# 24,000 istio-init arguments has 50,000.
+# JSON values in one body, bounded before decoding by counting what precedes each (a comma, or an
+# opening bracket or brace; commas inside strings count too, so this is an upper bound): decoding
+# turns each into a Python object of 24 to 200 bytes, so this bounds the memory one decoded review
+# takes to tens of MiB (a 4 MiB body of "1.5," would otherwise take 32 MiB, of {} 60 MiB). A pod
+# with 24,000 istio-init arguments has 50,000.
 MAX_REVIEW_VALUES = 250_000
 DEFAULT_PORT = 9443
 DEFAULT_NAMESPACE_TTL = 5.0
@@ -88,7 +89,10 @@ NAMESPACE_CACHE_ENTRIES = 4096
 TLS_RELOAD_INTERVAL = 1.0
 JSON_TYPE = "application/json"
 
-DEFAULT_MAX_CONNECTIONS = 1000
+# A connection takes about 42 KiB idle and up to about 120 KiB with a request arriving (see the
+# buffer limits below): 512 of them fit beside the bodies and one decoded review in the chart's
+# memory limit. At the cap, idle ones give way to new ones.
+DEFAULT_MAX_CONNECTIONS = 512
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 5.0
 DEFAULT_READ_TIMEOUT = 5.0
 DEFAULT_IDLE_TIMEOUT = 60.0
@@ -97,8 +101,12 @@ DEFAULT_REQUEST_TIMEOUT = 8.0
 # File descriptors kept for what is not a client connection (listening socket, logs, the TLS
 # files read every second, the API client's connections).
 FD_RESERVE = 64
-# Bodies held at once, in multiples of the largest one accepted.
+# Larger bodies held at once, in multiples of the largest one accepted.
 BUFFERED_BODIES = 4
+# A body this small (an ordinary review is 5 to 30 KiB) is read at once, without waiting for the
+# budget of larger ones: clients holding that budget with slow bodies cannot delay it. What such
+# bodies take is bounded by the connection cap (512 x 64 KiB).
+SMALL_BODY = 64 * 1024
 # How long a closed TLS connection waits for the client's close_notify before its socket goes.
 TLS_SHUTDOWN_TIMEOUT = 2.0
 # How long the server keeps reading (and dropping) a body it answered without reading.
@@ -106,6 +114,19 @@ LINGER_SECONDS = 1.0
 # asyncio reads TLS through a 256 KiB buffer per connection, zero-filled and so resident at once:
 # a thousand idle connections would take 256 MiB. 16 KiB is one TLS record.
 TLS_READ_BUFFER = 16 * 1024
+# What one connection may have received and not yet consumed, at each layer: asyncio's TLS (256
+# KiB by default) and aiohttp's body buffer (twice this; 128 KiB by default), past which reading
+# pauses; and the request head (aiohttp's parser keeps all of it until the blank line). The API
+# server sends a few headers of a few hundred bytes.
+TLS_READ_HIGH_WATER = 16 * 1024
+HTTP_READ_BUFFER = 8 * 1024
+# aiohttp's parser keeps about 2.5 times the bytes of a request head until its blank line: a
+# connection sending heads within aiohttp's own limits (128 headers of 8 KiB) held 530 KiB of
+# memory each. So a head may have 16 KiB in all (counted here) and aiohttp's limits are cut to
+# 16 headers of 4 KiB for the heads the count does not see (pipelined behind a request).
+MAX_HEAD_BYTES = 16 * 1024
+MAX_HEADERS = 16
+MAX_HEADER_BYTES = 4096
 LISTEN_BACKLOG = 1024
 WARN_EVERY = 10.0
 
@@ -162,11 +183,9 @@ def parse_review(body: bytes, content_type: str, *, max_bytes: int = MAX_REVIEW_
         raise BadReview(415, f"Content-Type must be {JSON_TYPE}, not {content_type[:80]!r}")
     if len(body) > max_bytes:
         raise BadReview(413, f"body is larger than {max_bytes} bytes")
-    values = body.count(b"{") + body.count(b"[") + body.count(b'"') // 2
+    values = body.count(b"{") + body.count(b"[") + body.count(b",")
     if values > MAX_REVIEW_VALUES:
-        raise BadReview(
-            400, f"body has about {values} JSON objects, arrays and strings, more than {MAX_REVIEW_VALUES}"
-        )
+        raise BadReview(400, f"body has up to {values} JSON values, more than {MAX_REVIEW_VALUES}")
     try:
         doc = loads_bounded(body, max_bytes=max_bytes, max_depth=MAX_JSON_DEPTH, what="body")
     except BoundedJsonError as exc:
@@ -703,8 +722,12 @@ class _Conn:
     transport: asyncio.BaseTransport | None = None
     handler: RequestHandler | None = None
     opener: asyncio.Task[None] | None = None
+    opening: bool = False  # the opener runs: asyncio owns the socket now
     busy: int = 0  # requests being handled
     reading_since: float | None = None  # a request is arriving (or the first one is due) since
+    head_open: bool = True  # the bytes coming are a request head (until its blank line)
+    head_bytes: int = 0
+    head_tail: bytes = b""  # the head's last bytes, to find a blank line split across reads
     closing_since: float | None = None
 
     @property
@@ -720,6 +743,7 @@ class ConnectionStats:
     handshake_failed: int = 0
     closed_idle: int = 0
     closed_slow: int = 0
+    closed_large_head: int = 0
     request_timeouts: int = 0
     peak: int = 0
 
@@ -730,6 +754,7 @@ class ConnectionTable:
     def __init__(self) -> None:
         self._by_progress: OrderedDict[_Conn, None] = OrderedDict()
         self.by_handler: dict[RequestHandler, _Conn] = {}
+        self.stats = ConnectionStats()
 
     def __len__(self) -> int:
         return len(self._by_progress)
@@ -741,7 +766,9 @@ class ConnectionTable:
         self._by_progress[conn] = None
 
     def progressed(self, conn: _Conn, now: float) -> None:
+        """A request was answered: the next bytes are the next request's head."""
         conn.since = now
+        conn.head_open, conn.head_bytes, conn.head_tail = True, 0, b""
         if conn in self._by_progress:
             self._by_progress.move_to_end(conn)
 
@@ -765,6 +792,8 @@ def _close(conn: _Conn, now: float, *, at_once: bool) -> None:
     if conn.handshaking:
         if conn.opener is not None:
             conn.opener.cancel()  # asyncio aborts a connection cancelled in its handshake
+        if not conn.opening:
+            conn.sock.close()  # the opener never ran, nothing else will close it
         return
     assert conn.transport is not None
     if at_once or conn.closing_since is not None:
@@ -782,13 +811,45 @@ class _Tracked(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.conn.transport = transport
+        limits = getattr(transport, "set_read_buffer_limits", None)
+        if limits is not None:
+            limits(high=TLS_READ_HIGH_WATER)
         self.conn.reading_since = time.monotonic()  # the first request is due from now
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.conn.busy == 0 and self.conn.reading_since is None:
-            self.conn.reading_since = time.monotonic()
+        conn = self.conn
+        if conn.closing_since is not None:
+            return  # closed by us: nothing more is read
+        if conn.busy == 0 and conn.reading_since is None:
+            conn.reading_since = time.monotonic()
+        if conn.head_open and conn.busy == 0:
+            window = conn.head_tail + data
+            end = window.find(b"\r\n\r\n")
+            conn.head_bytes += len(data) if end < 0 else end + 4 - len(conn.head_tail)
+            if conn.head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+                return
+            if end < 0:
+                conn.head_tail = window[-3:]
+            else:
+                conn.head_open, conn.head_bytes, conn.head_tail = False, 0, b""
         self.inner.data_received(data)
+
+    def _refuse_head(self) -> None:
+        """431, then close: aiohttp never sees this head (no request is in flight here)."""
+        conn = self.conn
+        self.table.stats.closed_large_head += 1
+        message = f"request head over {MAX_HEAD_BYTES} bytes"
+        log.warning("bad request", extra={"status": 431, "error": message})
+        body = f"{message}\n".encode()
+        head = (
+            "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        if isinstance(conn.transport, asyncio.WriteTransport):
+            conn.transport.write(head.encode() + body)
+        _close(conn, time.monotonic(), at_once=False)
 
     def eof_received(self) -> bool | None:
         self.inner.eof_received()
@@ -845,7 +906,7 @@ class WebhookServer:
         self.max_connections = self.limits.max_connections
         self.ready = False
         self.connections = ConnectionTable()
-        self.stats = ConnectionStats()
+        self.stats = self.connections.stats
         self.budget = ByteBudget(self.limits.buffered_bytes)
         self.lane = WorkerLane()
         self._runner: web.AppRunner | None = None
@@ -879,6 +940,9 @@ class WebhookServer:
             return await handler(request)
         except (web.HTTPException, asyncio.CancelledError):
             raise
+        except ConnectionError as exc:  # the client went away mid-request: nobody to answer
+            log.debug("client went away", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+            return web.Response(status=400, text="connection lost\n")
         except Exception as exc:
             log.error(
                 "request failed",
@@ -917,7 +981,10 @@ class WebhookServer:
             raise BadReview(415, f"Content-Type is missing (must be {JSON_TYPE})")
         if http.content_type != JSON_TYPE:
             raise BadReview(415, f"Content-Type must be {JSON_TYPE}, not {http.content_type[:80]!r}")
-        async with self.budget.hold(limit if length is None else length):
+        small = length is not None and length <= SMALL_BODY
+        async with (
+            contextlib.nullcontext(0) if small else self.budget.hold(limit if length is None else length)
+        ):
             try:
                 async with asyncio.timeout(started + self.limits.read_timeout - time.monotonic()):
                     body = await http.read()
@@ -961,7 +1028,10 @@ class WebhookServer:
             logger=_OneLineLog(log, {}),
             # aiohttp's own idle close, behind ours (which the sweep applies first).
             keepalive_timeout=limits.idle_timeout + limits.read_timeout,
-            max_headers=64,
+            max_headers=MAX_HEADERS,
+            max_line_size=MAX_HEADER_BYTES,
+            max_field_size=MAX_HEADER_BYTES,
+            read_bufsize=HTTP_READ_BUFFER,
             lingering_time=LINGER_SECONDS,
             shutdown_timeout=limits.request_timeout,
         )
@@ -1041,6 +1111,8 @@ class WebhookServer:
     async def _open(self, conn: _Conn) -> None:
         assert self._runner is not None and self._runner.server is not None
         server = self._runner.server
+
+        conn.opening = True
 
         def protocol() -> asyncio.Protocol:
             inner = server()

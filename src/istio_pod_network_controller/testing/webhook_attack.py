@@ -244,10 +244,37 @@ async def _dribble(port: int, ctx: ssl.SSLContext, stop: asyncio.Event, interval
         _close(writer)
 
 
+async def _slow_body(
+    port: int, ctx: ssl.SSLContext, stop: asyncio.Event, size: int, interval: float
+) -> int | None:
+    """A body announced at ``size`` bytes, its first 256 KiB at once and then a byte at a time: it
+    holds the server's body budget, and its buffers, for as long as the server lets it."""
+    reader, writer = await _connect(port, ctx)
+    try:
+        head = (
+            "POST /mutate HTTP/1.1\r\nHost: webhook\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\nConnection: close\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"pad": "' + b"x" * min(256 * 1024, size // 2))
+        await writer.drain()
+        for _ in range(size):
+            if stop.is_set() or reader.at_eof():
+                break
+            writer.write(b"x")
+            await writer.drain()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    status, _ = await read_response(reader)
+                    return status
+        return None
+    finally:
+        _close(writer)
+
+
 async def attack(port: int, ctx: ssl.SSLContext, stop: asyncio.Event, *, max_bytes: int) -> AttackCounts:
     """The worst requests we can build, sent concurrently until ``stop``: bodies at the size cap,
-    deeply nested bodies, garbage, the reported many-args pod, header dribblers and connections
-    held idle (reopened as the server closes them)."""
+    deeply nested bodies, garbage, the reported many-args pod, header dribblers, bodies announced
+    at the cap and dribbled, and connections held idle (reopened as the server closes them)."""
     counts = AttackCounts()
     at_cap = padded_review(max_bytes)
     nested = nested_body(10_000)
@@ -261,6 +288,9 @@ async def attack(port: int, ctx: ssl.SSLContext, stop: asyncio.Event, *, max_byt
 
     async def dribble() -> int | None:
         return await _dribble(port, ctx, stop, 0.05)
+
+    async def slow_body() -> int | None:
+        return await _slow_body(port, ctx, stop, max_bytes, 0.1)
 
     async def hold_idle() -> int | None:
         conns = await open_idle(port, ctx, 50)
@@ -276,6 +306,7 @@ async def attack(port: int, ctx: ssl.SSLContext, stop: asyncio.Event, *, max_byt
         _repeat(stop, counts, "garbage", post(b"\xff" * 100_000)),
         *(_repeat(stop, counts, "many-args", post(many_args)) for _ in range(4)),
         *(_repeat(stop, counts, "dribble", dribble) for _ in range(20)),
+        *(_repeat(stop, counts, "slow-body", slow_body) for _ in range(8)),
         *(_repeat(stop, counts, "idle", hold_idle) for _ in range(4)),
     ]
     await asyncio.gather(*workers)
