@@ -1087,7 +1087,11 @@ class WebhookServer:
                         _close(victim, time.monotonic(), at_once=True)
                     await asyncio.sleep(0.05)
                 continue  # other errors: that client gave up before it was accepted
-            self._admit(client)
+            try:
+                self._admit(client)
+            except Exception as exc:  # never let one connection stop the accepting
+                client.close()
+                log.error("cannot take a connection", extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
 
     def _admit(self, client: socket.socket) -> None:
         now = time.monotonic()
@@ -1142,7 +1146,10 @@ class WebhookServer:
         interval = min(1.0, max(0.05, min(limits.read_timeout, limits.idle_timeout) / 4))
         while True:
             await asyncio.sleep(interval)
-            self.sweep(time.monotonic())
+            try:
+                self.sweep(time.monotonic())
+            except Exception as exc:  # the next sweep tries again
+                log.error("connection sweep failed", extra={"error": f"{type(exc).__name__}: {exc}"[:500]})
 
     def sweep(self, now: float) -> None:
         """Close connections past their read or idle timeout (and abort those whose close has not
