@@ -242,7 +242,7 @@ def test_applied_webhook_deployment_is_restricted(applied: dict[str, list[dict[s
         assert sc["readOnlyRootFilesystem"] is True
         assert "runAsUser" not in sc and not sc.get("privileged")
         # The webhook's command line (commands/webhook.py). On OpenShift the waiter gets no fixed
-        # UID: restricted-v2 assigns one of the namespace's range.
+        # UID: the webhook picks one of the namespace's range.
         openshift_only = ["--waiter-run-as-user=none"] if distribution == "OpenShift" else []
         assert container["args"] == [
             "webhook",
@@ -255,6 +255,7 @@ def test_applied_webhook_deployment_is_restricted(applied: dict[str, list[dict[s
             "--waiter-verify",
             f"--excluded-namespaces=kube-system,{RELEASE_NS}",
             "--log-level=info",
+            "--request-timeout=8",  # below the webhook configuration's 10 s: failurePolicy decides
         ]
         env = {e["name"]: e for e in container["env"]}
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
