@@ -13,6 +13,9 @@ STATUS = "pod-network-controller.istio.io/status"
 DETAIL = "pod-network-controller.istio.io/detail"
 STATUS_INITIALIZED = "initialized"
 STATUS_ERROR = "error"
+# The detail is read with this bound (and a nesting bound): the API server's limit on all of an
+# object's annotations together, so any detail it stored can be read, at a bounded cost.
+MAX_DETAIL_BYTES = 256 * 1024
 
 # Written by the webhook when it removes an injected istio-init: its args, verbatim (JSON list).
 IPTABLES_ARGS = "pod-network-controller.istio.io/iptables-args"

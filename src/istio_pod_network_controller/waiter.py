@@ -42,7 +42,6 @@ POLL_INTERVAL = 0.05  # without inotify
 RESCAN_INTERVAL = 1.0  # with inotify: re-read anyway, in case an event was missed
 NETNS_PATH = "/proc/self/ns/net"
 
-MAX_DETAIL_BYTES = 64 * 1024  # the agent's detail is a few hundred bytes
 DEFAULT_VERIFY_TIMEOUT = 5.0
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 TOKEN_BYTES = 16
@@ -76,7 +75,7 @@ def _detail(annotations: Mapping[str, str]) -> tuple[dict[str, Any] | None, str]
     if raw is None:
         return None, f"{names.DETAIL} is absent"
     try:
-        detail = loads_bounded(raw, max_bytes=MAX_DETAIL_BYTES, what=names.DETAIL)
+        detail = loads_bounded(raw, max_bytes=names.MAX_DETAIL_BYTES, what=names.DETAIL)
     except BoundedJsonError as exc:
         return None, str(exc)
     if not isinstance(detail, dict):

@@ -212,3 +212,16 @@ def test_traffic_annotations_changed_after_programming_wait_for_the_next_sandbox
         assert proc.stop() == 0
     finally:
         proc.close()
+
+
+def test_a_deeply_nested_detail_is_no_mark_and_no_crash(cluster: Cluster, agent: AgentProcess) -> None:
+    nested = "[" * 10_000 + "]" * 10_000
+    body = meshed_pod("nested", cluster.node, annotations={
+        names.STATUS: names.STATUS_INITIALIZED, names.DETAIL: nested,
+    })  # fmt: skip
+    pod = cluster.create(body)
+    wait_for("the agent's own mark", lambda: "args" in detail(cluster.get("nested")))
+    assert "-j ISTIO_OUTPUT" in cluster.boxes.iptables_save(_uid(pod))
+    logs = agent.logs()
+    assert "Traceback" not in logs and "RecursionError" not in logs
+    assert agent.metric("controller_runtime_reconcile_errors_total") == 0

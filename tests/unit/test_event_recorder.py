@@ -278,3 +278,12 @@ def test_recorder_bounds_must_be_positive() -> None:
         EventRecorder(FakeEventApi(), "n", capacity=0)
     with pytest.raises(ValueError, match="at least 1"):
         EventRecorder(FakeEventApi(), "n", max_series=0)
+
+
+def test_a_detail_nested_past_the_bound_reads_as_no_detail() -> None:
+    from istio_pod_network_controller import names as n
+    from istio_pod_network_controller.cluster.report import read_detail
+
+    deep = "[" * 100_000 + "]" * 100_000
+    assert read_detail({"metadata": {"annotations": {n.DETAIL: deep}}}) == {}
+    assert read_detail({"metadata": {"annotations": {n.DETAIL: '{"netnsInode": 5}'}}}) == {"netnsInode": 5}

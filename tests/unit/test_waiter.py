@@ -525,7 +525,10 @@ def test_a_mark_without_a_plan_passes_unproven_whatever_the_pod_wrote(tmp_path: 
     ("detail", "said"),
     [
         ("[" * 60_000, "is nested 60000 levels deep, more than the limit of 64"),
-        ('{"netnsInode": 1, "pad": "' + "x" * 70_000 + '"}', "bytes, more than the limit of 65536"),
+        (
+            '{"netnsInode": 1, "pad": "' + "x" * 270_000 + '"}',
+            f"bytes, more than the limit of {names.MAX_DETAIL_BYTES}",
+        ),
     ],
 )
 def test_a_hostile_detail_is_one_line_and_no_recursion(detail: str, said: str) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from .. import names
+from ..bounded import BoundedJsonError, loads_bounded
 from .api import Api, ApiError
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,9 @@ def read_detail(pod: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(raw, str):
         return {}
     try:
-        detail = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
+        detail = loads_bounded(raw, max_bytes=names.MAX_DETAIL_BYTES, what=names.DETAIL)
+    except BoundedJsonError:
+        return {}  # not a detail the agent wrote: as if there were none
     return detail if isinstance(detail, dict) else {}
 
 
