@@ -4,7 +4,8 @@ Compares the node side (one iptables-restore per family, read back and verified)
 original controller worked (one ``iptables`` command per rule inside the namespace, here followed
 by one ``iptables-save`` so both sides end with a read-back), entered per command with nsenter as
 our own commands are, and entered once (xargs inside the namespace). Every sample uses a
-namespace that nothing has touched yet, as a new pod's would be. Needs root.
+namespace that nothing has touched yet, as a new pod's would be; after ours, the same namespace is
+re-checked as the agent's resync does (read back, nothing written). Needs root.
 
     .venv/bin/python bench/apply.py [--count 200] [--backend auto|nft|legacy]
 """
@@ -107,7 +108,11 @@ def main() -> int:
         "inside": lambda ns: in_namespace_per_rule(tools, ns, ruleset),
     }
     names = [f"{prefix}-{i}" for i in range(len(ways) * args.count + 1)]
-    samples: dict[str, list[float]] = {way: [] for way in ways}
+    samples: dict[str, list[float]] = {way: [] for way in [*ways, "recheck"]}
+
+    def recheck(ns: Netns) -> None:
+        if applier.apply(ns, ruleset, fresh=False).changed:
+            raise RuntimeError("an intact namespace was rewritten")
     try:
         for name in names:
             subprocess.run(["ip", "netns", "add", name], check=True)  # noqa: S603
@@ -118,7 +123,10 @@ def main() -> int:
         # Interleaved, so that whatever else runs on the machine weighs on every way alike.
         for _ in range(args.count):
             for way, work in ways.items():
-                samples[way].append(timed_once(next(paths), work))
+                path = next(paths)
+                samples[way].append(timed_once(path, work))
+                if way == "ours":  # the resync's read-back of the namespace just programmed
+                    samples["recheck"].append(timed_once(path, recheck))
     finally:
         for name in names:
             subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)  # noqa: S603
@@ -132,6 +140,9 @@ def main() -> int:
     print(f"backend {tools.backend.value}; default sidecar ruleset: {ruleset.rule_count()} rules (IPv4)")
     print(f"{args.count} fresh namespaces per way, interleaved; {os.cpu_count()} CPUs")
     print(f"  first apply of this ruleset (loads it once into a scratch namespace): {warm:.1f} ms")
+    median, p95 = summary(samples["recheck"])
+    print(f"  {'ours, re-check of an intact namespace (resync, restart): read back, write nothing':60}"
+          f" median {median:6.2f} ms  p95 {p95:6.2f} ms")
     ours_median, ours_p95 = summary(ours)
     for label, data in rows:
         median, p95 = summary(data)
