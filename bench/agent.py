@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ipnc_dev.cgroups import KubeletCgroups
+from ipnc_dev.controlplane import ControlPlane
+from ipnc_dev.netlab import Netlab
 from istio_pod_network_controller import names
 from istio_pod_network_controller.cluster.api import Api
-from istio_pod_network_controller.testing.cgroups import KubeletCgroups
-from istio_pod_network_controller.testing.controlplane import ControlPlane
-from istio_pod_network_controller.testing.netlab import Netlab
 
 NODE = "node-1"
 CLI = Path(sys.executable).with_name("istio-pod-network-controller")

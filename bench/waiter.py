@@ -23,12 +23,12 @@ from typing import Any
 
 from lightkube.resources.core_v1 import Pod
 
+from ipnc_dev.agentproc import AgentProcess
+from ipnc_dev.controlplane import ControlPlane
+from ipnc_dev.standin import NodeStandIn
+from ipnc_dev.webhookproc import WebhookProcess
 from istio_pod_network_controller import names
 from istio_pod_network_controller.spec.manifest import load_pod
-from istio_pod_network_controller.testing.agentproc import AgentProcess
-from istio_pod_network_controller.testing.controlplane import ControlPlane
-from istio_pod_network_controller.testing.node import NodeStandIn
-from istio_pod_network_controller.testing.webhookproc import WebhookProcess
 
 NODE = "node-bench"
 NAMESPACE = "bench"

@@ -17,7 +17,7 @@ from lightkube import Client
 from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace
 
-from istio_pod_network_controller.testing.controlplane import ControlPlane
+from ipnc_dev.controlplane import ControlPlane
 
 _ready_lines: list[str] = []
 

@@ -20,6 +20,12 @@ from typing import Any
 
 import pytest
 
+from ipnc_dev import chart
+from ipnc_dev.agentproc import AgentProcess
+from ipnc_dev.cgroups import KubeletCgroups
+from ipnc_dev.controlplane import ControlPlane
+from ipnc_dev.netlab import Netlab
+from ipnc_dev.sandbox import Sandboxes
 from istio_pod_network_controller import names
 from istio_pod_network_controller.node import tables
 from istio_pod_network_controller.node.apply import Applier
@@ -28,12 +34,6 @@ from istio_pod_network_controller.node.netns import Netns
 from istio_pod_network_controller.render import render
 from istio_pod_network_controller.spec import spec_from_pod
 from istio_pod_network_controller.spec.manifest import load_pod
-from istio_pod_network_controller.testing import chart
-from istio_pod_network_controller.testing.agentproc import AgentProcess
-from istio_pod_network_controller.testing.cgroups import KubeletCgroups
-from istio_pod_network_controller.testing.controlplane import ControlPlane
-from istio_pod_network_controller.testing.netlab import Netlab
-from istio_pod_network_controller.testing.sandbox import Sandboxes
 
 pytestmark = pytest.mark.cluster
 

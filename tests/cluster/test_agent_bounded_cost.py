@@ -33,10 +33,10 @@ from test_agent import (  # noqa: F401 -- fixtures shared with the agent's other
     wait_for,
 )
 
+from ipnc_dev.agentproc import AgentProcess
 from istio_pod_network_controller import names
 from istio_pod_network_controller.node import tables
 from istio_pod_network_controller.spec.limits import MAX_ARGS
-from istio_pod_network_controller.testing.agentproc import AgentProcess
 
 pytestmark = pytest.mark.cluster
 

@@ -28,13 +28,13 @@ from test_agent import (  # noqa: F401 -- fixtures shared with the agent's other
     wait_for,
 )
 
+from ipnc_dev.agentproc import AgentProcess
+from ipnc_dev.netlab import Netlab
 from istio_pod_network_controller import names
 from istio_pod_network_controller.node.backend import Family, detect
 from istio_pod_network_controller.node.netns import Netns
 from istio_pod_network_controller.render import render
 from istio_pod_network_controller.spec import spec_from_pod
-from istio_pod_network_controller.testing.agentproc import AgentProcess
-from istio_pod_network_controller.testing.netlab import Netlab
 
 pytestmark = pytest.mark.cluster
 

@@ -34,9 +34,9 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Event, Namespace, Pod, Secret
 from lightkube.types import PatchType
 
+from ipnc_dev import binaries, chart
+from ipnc_dev.controlplane import ControlPlane
 from istio_pod_network_controller import names
-from istio_pod_network_controller.testing import binaries, chart
-from istio_pod_network_controller.testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.cluster
 

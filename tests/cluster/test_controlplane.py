@@ -25,7 +25,7 @@ from lightkube.resources.events_v1 import Event as EventsV1Event
 from lightkube.resources.rbac_authorization_v1 import Role, RoleBinding
 from lightkube.types import PatchType
 
-from istio_pod_network_controller.testing.controlplane import ControlPlane, ControlPlaneError
+from ipnc_dev.controlplane import ControlPlane, ControlPlaneError
 
 pytestmark = pytest.mark.cluster
 

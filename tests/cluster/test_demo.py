@@ -29,9 +29,9 @@ from typing import IO, Any
 
 import pytest
 
-from istio_pod_network_controller.demo import NODES, SERVICES, process_start
-from istio_pod_network_controller.testing import binaries
-from istio_pod_network_controller.testing.cgroups import mounts
+from ipnc_dev import binaries
+from ipnc_dev.cgroups import mounts
+from ipnc_dev.demo import NODES, SERVICES, process_start
 
 pytestmark = pytest.mark.cluster
 

@@ -38,9 +38,9 @@ from lightkube.models.meta_v1 import ObjectMeta
 from lightkube.resources.core_v1 import Namespace, Pod
 from lightkube.types import PatchType
 
+from ipnc_dev import chart
+from ipnc_dev.controlplane import ControlPlane
 from istio_pod_network_controller import names
-from istio_pod_network_controller.testing import chart
-from istio_pod_network_controller.testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.cluster
 

@@ -22,13 +22,13 @@ from lightkube import ApiError, Client, codecs
 from lightkube.resources.core_v1 import Pod
 from lightkube.types import PatchType
 
+from ipnc_dev.cgroups import mounts
+from ipnc_dev.controlplane import ControlPlane
+from ipnc_dev.netlab import namespaces_with_prefix
+from ipnc_dev.standin import NodeStandIn, PodView
 from istio_pod_network_controller import names
 from istio_pod_network_controller.node.locate import by_pod_uid, in_pod_cgroup
 from istio_pod_network_controller.podinfo import format_annotations, parse_annotations
-from istio_pod_network_controller.testing.cgroups import mounts
-from istio_pod_network_controller.testing.controlplane import ControlPlane
-from istio_pod_network_controller.testing.netlab import namespaces_with_prefix
-from istio_pod_network_controller.testing.node import NodeStandIn, PodView
 
 pytestmark = pytest.mark.cluster
 

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
+from ipnc_dev.controlplane import ControlPlane
 from istio_pod_network_controller import names
 from istio_pod_network_controller.cluster.api import Api
 from istio_pod_network_controller.cluster.report import EventRecorder, PodGone, PodRef, Reporter
-from istio_pod_network_controller.testing.controlplane import ControlPlane
 
 pytestmark = pytest.mark.cluster
 

@@ -30,12 +30,12 @@ from test_waiter_e2e import (  # noqa: F401 -- fixtures shared with the waiter's
     webhook,
 )
 
+from ipnc_dev.agentproc import AgentProcess
+from ipnc_dev.standin import NodeStandIn
+from ipnc_dev.webhookproc import WebhookProcess
 from istio_pod_network_controller import names
 from istio_pod_network_controller.node.backend import Family, detect
 from istio_pod_network_controller.node.netns import Netns
-from istio_pod_network_controller.testing.agentproc import AgentProcess
-from istio_pod_network_controller.testing.node import NodeStandIn
-from istio_pod_network_controller.testing.webhookproc import WebhookProcess
 
 pytestmark = pytest.mark.cluster
 

@@ -24,13 +24,13 @@ from lightkube import Client
 from lightkube.resources.core_v1 import Namespace, Pod
 from lightkube.types import PatchType
 
+from ipnc_dev import chart
+from ipnc_dev.agentproc import AgentProcess
+from ipnc_dev.controlplane import ControlPlane
+from ipnc_dev.standin import NodeStandIn, PodView
+from ipnc_dev.webhookproc import WebhookProcess, webhook_kubeconfig
 from istio_pod_network_controller import names
 from istio_pod_network_controller.render import Ruleset
-from istio_pod_network_controller.testing import chart
-from istio_pod_network_controller.testing.agentproc import AgentProcess
-from istio_pod_network_controller.testing.controlplane import ControlPlane
-from istio_pod_network_controller.testing.node import NodeStandIn, PodView
-from istio_pod_network_controller.testing.webhookproc import WebhookProcess, webhook_kubeconfig
 
 pytestmark = pytest.mark.cluster
 

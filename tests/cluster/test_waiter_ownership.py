@@ -22,11 +22,11 @@ from lightkube import ApiError, Client
 from lightkube.resources.core_v1 import Namespace, Pod
 from lightkube.types import PatchType
 
+from ipnc_dev.controlplane import ControlPlane
+from ipnc_dev.webhookproc import WebhookProcess, webhook_kubeconfig
 from istio_pod_network_controller import names
 from istio_pod_network_controller.inject import Unchanged, WaiterSettings, is_our_volume, mutate_pod
 from istio_pod_network_controller.probe import waiter_ids
-from istio_pod_network_controller.testing.controlplane import ControlPlane
-from istio_pod_network_controller.testing.webhookproc import WebhookProcess, webhook_kubeconfig
 
 pytestmark = pytest.mark.cluster
 

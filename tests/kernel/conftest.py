@@ -9,12 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from ipnc_dev.netlab import Netlab, namespaces_with_prefix
 from istio_pod_network_controller.node.apply import Applier
 from istio_pod_network_controller.node.backend import Backend, Tools, tools
 from istio_pod_network_controller.node.errors import BackendError
 from istio_pod_network_controller.render import Ruleset, render
 from istio_pod_network_controller.spec import parse_flags
-from istio_pod_network_controller.testing.netlab import Netlab, namespaces_with_prefix
 
 # What istio-init gets for a default sidecar (Istio's injection template).
 SIDECAR = ("-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*")

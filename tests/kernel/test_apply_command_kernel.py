@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from ipnc_dev.cgroups import KubeletCgroups, mounts
+from ipnc_dev.netlab import Netlab
 from istio_pod_network_controller import cli
 from istio_pod_network_controller.node import tables
 from istio_pod_network_controller.node.netns import netns_id_of
-from istio_pod_network_controller.testing.cgroups import KubeletCgroups, mounts
-from istio_pod_network_controller.testing.netlab import Netlab
 
 pytestmark = pytest.mark.kernel
 

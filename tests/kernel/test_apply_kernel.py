@@ -10,13 +10,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from ipnc_dev.netlab import Netlab
 from istio_pod_network_controller.node import tables
 from istio_pod_network_controller.node.apply import Applier
 from istio_pod_network_controller.node.backend import Family, Tools
 from istio_pod_network_controller.node.errors import ApplyError, LocateError
 from istio_pod_network_controller.node.netns import Netns
 from istio_pod_network_controller.render import FamilyRules, Rule, Ruleset
-from istio_pod_network_controller.testing.netlab import Netlab
 
 from .conftest import ruleset
 

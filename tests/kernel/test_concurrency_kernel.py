@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from ipnc_dev.netlab import Netlab
 from istio_pod_network_controller.node import tables
 from istio_pod_network_controller.node.apply import Applier
 from istio_pod_network_controller.node.backend import Family, Tools
 from istio_pod_network_controller.node.netns import Netns, NetnsId
-from istio_pod_network_controller.testing.netlab import Netlab
 
 from .conftest import ruleset
 

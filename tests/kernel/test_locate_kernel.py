@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from ipnc_dev.cgroups import Driver, KubeletCgroups, mounts
+from ipnc_dev.netlab import Netlab, Pod
 from istio_pod_network_controller.node import locate
 from istio_pod_network_controller.node.errors import LocateError
 from istio_pod_network_controller.node.netns import NetnsId, netns_id_of
-from istio_pod_network_controller.testing.cgroups import Driver, KubeletCgroups, mounts
-from istio_pod_network_controller.testing.netlab import Netlab, Pod
 
 pytestmark = pytest.mark.kernel
 

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 
 import pytest
 
+from ipnc_dev.netlab import APP_UID, PROXY_UID, Netlab, Pod, Probe
 from istio_pod_network_controller.node.apply import Applier, ApplyResult
 from istio_pod_network_controller.node.backend import Tools
 from istio_pod_network_controller.node.netns import Netns
 from istio_pod_network_controller.render import Ruleset
-from istio_pod_network_controller.testing.netlab import APP_UID, PROXY_UID, Netlab, Pod, Probe
 
 from .conftest import ruleset
 

@@ -15,14 +15,14 @@ from typing import Any
 
 import pytest
 
+from ipnc_dev import as_pod
+from ipnc_dev.netlab import Netlab, Pod
+from ipnc_dev.podinfo_volume import write_podinfo
 from istio_pod_network_controller import names
 from istio_pod_network_controller.node.apply import Applier
 from istio_pod_network_controller.node.netns import Netns
 from istio_pod_network_controller.probe import probe_plan
 from istio_pod_network_controller.spec import parse_flags, spec_from_pod
-from istio_pod_network_controller.testing import as_pod
-from istio_pod_network_controller.testing.netlab import Netlab, Pod
-from istio_pod_network_controller.testing.podinfo_volume import write_podinfo
 
 from .conftest import SIDECAR, ruleset
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from istio_pod_network_controller import demo
+from ipnc_dev.demo import orchestration as demo
 from istio_pod_network_controller.render import render
 from istio_pod_network_controller.spec import spec_from_pod
 

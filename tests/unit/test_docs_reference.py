@@ -14,7 +14,6 @@ so ``--port`` is not satisfied by ``--portal`` nor ``init`` by ``istio-init``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import re
 from collections.abc import Iterator, Mapping
@@ -34,6 +33,7 @@ OPERATIONS = ROOT / "docs" / "operations.md"
 README = ROOT / "README.md"
 CHART = ROOT / "chart" / "istio-pod-network-controller"
 PACKAGE = ROOT / "src" / "istio_pod_network_controller"
+DEV_PACKAGE = ROOT / "dev" / "src" / "ipnc_dev"
 
 # Section titles of configuration.md (one per subcommand: "`run`", "`dev cluster`", ...).
 REDIRECT_SECTION = "istio-iptables flags"
@@ -94,13 +94,14 @@ def _walk(name: str, parser: argparse.ArgumentParser) -> Iterator[tuple[str, arg
 
 
 def command_parsers() -> list[tuple[str, argparse.ArgumentParser]]:
-    """Every (sub)command's complete parser, from ``commands/<module>.py:build_parser()``."""
+    """Every (sub)command's complete parser, from ``commands/<module>.py:build_parser()`` (the
+    development package's ``demo`` and ``dev`` included, which ``scripts/setup`` installs)."""
     found: list[tuple[str, argparse.ArgumentParser]] = []
-    for name, (module_name, _) in cli.COMMANDS.items():
-        module = importlib.import_module(f"istio_pod_network_controller.commands.{module_name}")
+    for name in cli.command_names():
+        module = cli.load_command(name)
         build = getattr(module, "build_parser", None)
         assert callable(build), (
-            f"commands/{module_name}.py has no build_parser() returning its complete argparse parser; "
+            f"{module.__name__} has no build_parser() returning its complete argparse parser; "
             "add one so that its flags can be checked against docs/configuration.md"
         )
         parser = build()
@@ -153,11 +154,11 @@ def value_paths() -> set[str]:
 
 
 def environment_variables_in_source() -> set[str]:
-    """Variables read by the package (its test harness aside) and by the harness modules a
-    subcommand imports (``dev cluster`` finds its binaries through ``testing.binaries``)."""
-    # Every module, the harness included (``demo`` and ``dev cluster`` run it): the answer must
-    # not depend on which modules other tests happened to import first.
-    files = set(PACKAGE.rglob("*.py"))
+    """Variables read by the package and by the development package, whose ``demo`` and ``dev``
+    are subcommands too (``dev cluster`` finds its binaries through ``ipnc_dev.binaries``)."""
+    # Every module of both: the answer must not depend on which modules other tests happened to
+    # import first.
+    files = set(PACKAGE.rglob("*.py")) | set(DEV_PACKAGE.rglob("*.py"))
     return {var for f in files for var in ENV_IN_SOURCE.findall(f.read_text())}
 
 
@@ -242,14 +243,14 @@ def test_every_metric_is_in_the_operations_guide() -> None:
 
 def test_the_readme_components_table_lists_every_subcommand() -> None:
     rows = re.findall(r"^\| `([a-z-]+)` \|", README.read_text(), flags=re.MULTILINE)
-    missing = [name for name in cli.COMMANDS if name not in rows]
+    missing = [name for name in cli.command_names() if name not in rows]
     assert not missing, "README.md's components table has no row for: " + ", ".join(missing)
 
 
 def test_the_checks_see_what_they_check() -> None:
     """Guard against a walk that silently finds nothing (and so passes)."""
     parsers = dict(command_parsers())
-    assert {"run", "webhook", "init", "rules", "apply", "dev cluster"} <= set(parsers)
+    assert {"run", "webhook", "init", "rules", "apply", "demo", "dev cluster"} <= set(parsers)
     assert any(a.option_strings == ["--node-name"] for a in parsers["run"]._actions)
     assert {"agent.workers", "webhook.failurePolicy", "waiter.verify"} <= value_paths()
     assert {"KUBECONFIG", "POD_NAMESPACE"} <= environment_variables_in_source()

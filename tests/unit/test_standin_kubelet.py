@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from ipnc_dev.standin import kubelet
+from ipnc_dev.standin.kubelet import ContainerStatus, Kind
 from istio_pod_network_controller import names
 from istio_pod_network_controller.podinfo import parse_annotations
-from istio_pod_network_controller.testing import kubelet
-from istio_pod_network_controller.testing.kubelet import ContainerStatus, Kind
 
 POD: dict[str, Any] = {
     "metadata": {

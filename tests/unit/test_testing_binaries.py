@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from istio_pod_network_controller.testing import binaries
+from ipnc_dev import binaries
 
 
 def _exe(folder: Path, name: str) -> Path:

@@ -15,11 +15,11 @@ from typing import Any
 
 import pytest
 
+from ipnc_dev import as_pod
+from ipnc_dev.podinfo_volume import write_podinfo
 from istio_pod_network_controller import names
 from istio_pod_network_controller.probe import Probe, Skip, plan_verify, probe_plan, waiter_ids
 from istio_pod_network_controller.spec import parse_flags, spec_from_pod
-from istio_pod_network_controller.testing import as_pod
-from istio_pod_network_controller.testing.podinfo_volume import write_podinfo
 from istio_pod_network_controller.waiter import (
     AgentFailed,
     Initialized,

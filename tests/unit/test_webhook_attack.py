@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from istio_pod_network_controller.testing import webhook_attack as attack
-from istio_pod_network_controller.testing.webhookproc import WebhookProcess
+from ipnc_dev import webhook_attack as attack
+from ipnc_dev.webhookproc import WebhookProcess
 
 IDLE = 1000
 READ_TIMEOUT = 8.0

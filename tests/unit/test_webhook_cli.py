@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from istio_pod_network_controller.testing.webhook_tls import make_serving_pair
+from ipnc_dev.webhook_tls import make_serving_pair
 
 
 def _start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:

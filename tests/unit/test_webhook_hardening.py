@@ -23,10 +23,10 @@ from typing import Any
 
 import pytest
 
+from ipnc_dev import webhook_attack as attack
+from ipnc_dev.webhook_tls import make_serving_pair
 from istio_pod_network_controller import webhook
 from istio_pod_network_controller.inject import WaiterSettings
-from istio_pod_network_controller.testing import webhook_attack as attack
-from istio_pod_network_controller.testing.webhook_tls import make_serving_pair
 from istio_pod_network_controller.webhook import (
     ByteBudget,
     CachedNamespaces,

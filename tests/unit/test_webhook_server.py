@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ipnc_dev.webhook_tls import ServingPair, make_serving_pair
 from istio_pod_network_controller import names
 from istio_pod_network_controller.inject import WaiterSettings
-from istio_pod_network_controller.testing.webhook_tls import ServingPair, make_serving_pair
 from istio_pod_network_controller.webhook import (
     MAX_REVIEW_BYTES,
     BadReview,

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import names
-from ..podinfo import format_annotations
+from istio_pod_network_controller import names
+from istio_pod_network_controller.podinfo import format_annotations
 
 JSON = dict[str, Any]
 

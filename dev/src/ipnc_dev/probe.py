@@ -4,7 +4,7 @@ Tests drive it over stdin/stdout, one JSON object per line, so one long-lived pr
 and namespace answers many probes quickly, every socket created with the role's UID: that UID
 is what the redirect rules match on. Started as root, it enters its namespaces, then drops.
 
-    python -m istio_pod_network_controller.testing.probe [--netns PATH ...] [--user 1000[:1000]]
+    python -m ipnc_dev.probe [--netns PATH ...] [--user 1000[:1000]]
 
 request  {"op": "tcp"|"udp", "host": "192.0.2.1", "port": 80, "token": "x", "ns": 0,
           "timeout": 3, "source": "127.0.0.6"}

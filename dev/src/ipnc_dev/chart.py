@@ -62,7 +62,8 @@ class ChartError(RuntimeError):
 
 
 def repo_root() -> Path:
-    """The checkout this package runs from (an editable install: src/<package>/testing/)."""
+    """The checkout this package runs from: it is installed editable from ``dev/src/ipnc_dev/``,
+    three folders below the repository's root (a copy installed elsewhere sets IPNC_CHART_DIR)."""
     return Path(__file__).resolve().parents[3]
 
 
@@ -287,7 +288,7 @@ def probe_mark_policy(
     from lightkube.models.meta_v1 import ObjectMeta
     from lightkube.resources.core_v1 import Pod
 
-    from .. import names
+    from istio_pod_network_controller import names
 
     probe = Pod(
         metadata=ObjectMeta(

@@ -6,7 +6,7 @@ original destination (SO_ORIGINAL_DST for REDIRECT, the local address for TPROXY
 program serves as a plain application server. Started as root, it binds in one or several
 network namespaces and then drops to the proxy's UID, so it behaves like a proxy running as 1337.
 
-    python -m istio_pod_network_controller.testing.stubproxy --name proxy --tcp 15001 --tcp 15006 \
+    python -m ipnc_dev.stubproxy --name proxy --tcp 15001 --tcp 15006 \
         [--udp 15053] [--transparent 15006] [--netns PATH ...] [--user 1337[:1337]] [--record]
 
 Prints ``ready`` on stdout once every socket is bound; with ``--record``, then one JSON line per

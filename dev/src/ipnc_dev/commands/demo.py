@@ -1,6 +1,6 @@
 """`demo`: the whole system on this machine, for a person who has no cluster (see ``demo``).
 
-Argument parsing only; everything else is in ``istio_pod_network_controller.demo``.
+Argument parsing only; everything else is in ``ipnc_dev.demo``.
 """
 
 from __future__ import annotations
@@ -9,8 +9,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import EXIT_INVALID, PROG
-from .common import positive
+from istio_pod_network_controller.cli import EXIT_INVALID, PROG
+from istio_pod_network_controller.commands.common import positive
+
+# The line of the product's usage, read through the entry point (see ``istio_pod_network_controller.cli``).
+SUMMARY = "the whole system on this machine (root): sample app, live progress, summary"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ the CLI and the subcommand's modules, then drops to the container's UID and GID 
 supplementary groups and no capabilities, and runs the subcommand in the same interpreter: the
 code under test runs unprivileged, exactly as in the image.
 
-    python -m istio_pod_network_controller.testing.launch --user UID:GID -- ARGS...
+    python -m ipnc_dev.launch --user UID:GID -- ARGS...
 
 The parent-death signal is set again after the drop (changing credentials clears it), so the
 container dies with the stand-in's thread that started it.
@@ -24,7 +24,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .. import cli
+from istio_pod_network_controller import cli
 
 # Modules a subcommand imports only when it runs (they must be loaded while still root).
 LATE_IMPORTS: dict[str, tuple[str, ...]] = {"init": ("inotify_simple",)}
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage()
     rest = args[2:]
     if rest and rest[0] in cli.COMMANDS:
-        importlib.import_module(f"{cli.__package__}.commands.{cli.COMMANDS[rest[0]][0]}")
+        cli.load_command(rest[0])
         for module in LATE_IMPORTS.get(rest[0], ()):
             # the subcommand copes without it, as it would in an image lacking it
             with contextlib.suppress(ImportError):

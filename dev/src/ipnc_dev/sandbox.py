@@ -3,7 +3,7 @@
 For a pod bound to the node it creates what the agent looks for on a real node -- a network
 namespace on the lab's bridge, a pause-like process inside it placed in a kubelet-style pod
 cgroup -- and reports the pod IP in the pod's status. It runs no containers (the node stand-in,
-``testing.node``, does that); the agent's tests need only the sandbox, and this keeps their
+``node``, does that); the agent's tests need only the sandbox, and this keeps their
 timing about the agent.
 """
 

@@ -52,11 +52,11 @@ are not acted on.
 
 **Which program runs** (``kubelet.plan``): the project's image (``Images.project`` in the image
 reference) runs the project's CLI with the container's arguments, in this interpreter, through
-``testing.launch`` (it drops to the container's UID after loading, since this machine's
+``launch`` (it drops to the container's UID after loading, since this machine's
 interpreter lives under ``/root``); Istio's proxy image with ``proxy ...`` runs the stub proxy
-(``testing.stubproxy --record``: 15001, 15006, 15020, 15021, 15090 and its container ports, as
+(``stubproxy --record``: 15001, 15006, 15020, 15021, 15090 and its container ports, as
 1337 by default); any other image runs its ``command`` if it has one (from the host's file
-system, as the container's UID via ``nsenter --setuid``), else the app stub: ``testing.probe``
+system, as the container's UID via ``nsenter --setuid``), else the app stub: ``probe``
 (driven by ``app_request``) plus, for its container ports, a ``stubproxy`` server that answers
 and records. Containers run as ``runAsUser``/``runAsGroup`` (container, then pod), else 1000.
 """
@@ -85,18 +85,19 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ..cluster.api import Api, ApiError
-from ..cluster.reflector import Reflector, cancel_all, uid_key
+from istio_pod_network_controller.cluster.api import Api, ApiError
+from istio_pod_network_controller.cluster.reflector import Reflector, cancel_all, uid_key
+
+from ..cgroups import Driver, KubeletCgroups, mounts, pod_cgroup_path
+from ..netlab import Netlab, Pod
 from . import kubelet
-from .cgroups import Driver, KubeletCgroups, mounts, pod_cgroup_path
-from .netlab import Netlab, Pod
 
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 T = TypeVar("T")
 
-PACKAGE = "istio_pod_network_controller.testing"
+PACKAGE = "ipnc_dev"
 LOG_TAIL_BYTES = 2048  # the kubelet's limit for a termination message taken from the log
 LOG_TAIL_LINES = 80
 READY_TIMEOUT = 30.0  # a stub that has not said "ready" by then is left unready

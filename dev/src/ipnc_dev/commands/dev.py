@@ -1,7 +1,7 @@
 """``dev``: tools for a developer at a terminal, not for a cluster.
 
 ``dev cluster`` starts the same real control plane the cluster tests use (etcd and kube-apiserver
-on loopback, see ``testing/controlplane.py``), prints its kubeconfig and waits until Ctrl-C, so a
+on loopback, see ``ipnc_dev/controlplane.py``), prints its kubeconfig and waits until Ctrl-C, so a
 person can point kubectl, helm or the agent at a real API server without a kubelet or a VM.
 """
 
@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from ..testing.binaries import BinaryNotFoundError
-from ..testing.controlplane import ControlPlane, ControlPlaneError
+from ..binaries import BinaryNotFoundError
+from ..controlplane import ControlPlane, ControlPlaneError
+
+SUMMARY = "developer tools: 'dev cluster' runs a local etcd + kube-apiserver until Ctrl-C"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -14,8 +14,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from .. import names
-from ..podinfo import format_annotations
+from istio_pod_network_controller import names
+from istio_pod_network_controller.podinfo import format_annotations
 
 DATA = "..data"
 DATA_TMP = "..data_tmp"

@@ -96,7 +96,7 @@ class Process:
 
 
 class Probe(Process):
-    """A client in one or more namespaces, creating its sockets as one UID (see testing.probe)."""
+    """A client in one or more namespaces, creating its sockets as one UID (see probe)."""
 
     def request(self, **request: object) -> dict[str, object]:
         with self._lock:
@@ -134,7 +134,7 @@ def _check_token(answer: dict[str, object], token: str) -> None:
 
 
 def _python_module(module: str, args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", f"istio_pod_network_controller.testing.{module}", *args]
+    return [sys.executable, "-m", f"ipnc_dev.{module}", *args]
 
 
 @dataclass

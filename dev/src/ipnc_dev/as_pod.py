@@ -7,7 +7,7 @@ interpreter and the project may sit where that UID cannot read, such as a root-o
 the network namespace, sets no_new_privs, drops to the UID and GID, then runs the subcommand in
 this same process.
 
-    python -m istio_pod_network_controller.testing.as_pod --netns PATH --user 65532 -- init --file F
+    python -m ipnc_dev.as_pod --netns PATH --user 65532 -- init --file F
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ PRELOAD = {"init": ("inotify_simple", "istio_pod_network_controller.spec.pod")}
 
 def command(netns: str | None, user: int, *argv: str) -> list[str]:
     """The argument list that runs ``argv`` (a subcommand and its flags) as a pod would."""
-    head = [sys.executable, "-m", "istio_pod_network_controller.testing.as_pod", f"--user={user}"]
+    head = [sys.executable, "-m", "ipnc_dev.as_pod", f"--user={user}"]
     return [*head, *([f"--netns={netns}"] if netns else []), "--", *argv]
 
 
@@ -48,9 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest
     if not rest or args.user <= 0:
         parser.error("give a non-root --user and a subcommand after --")
-    from .. import cli
+    from istio_pod_network_controller import cli
 
-    module = importlib.import_module(f"istio_pod_network_controller.commands.{cli.COMMANDS[rest[0]][0]}")
+    module = cli.load_command(rest[0])
     for name in PRELOAD.get(rest[0], ()):
         importlib.import_module(name)
     libc = ctypes.CDLL(None, use_errno=True)

@@ -7,12 +7,12 @@ admitted into a namespace that enforces the ``restricted`` Pod Security level, g
 rules from the node agent instead, wait for them in an unprivileged init container, start, and
 their outbound traffic is captured by their sidecar.
 
-Nothing is faked that runs here for real: etcd and kube-apiserver (``testing.controlplane``), the
+Nothing is faked that runs here for real: etcd and kube-apiserver (``controlplane``), the
 chart rendered by helm (its Namespace, ServiceAccounts and RBAC are applied, its
 MutatingWebhookConfiguration too, pointed at the webhook on loopback with a caBundle, and the
 agent's and webhook's arguments are taken from its DaemonSet and Deployment), one ``run`` agent
 per node under the chart's ServiceAccount, the ``webhook`` process, and two node stand-ins
-(``testing.node``: real network namespaces, cgroups and processes for the pods of one node name
+(``standin``: real network namespaces, cgroups and processes for the pods of one node name
 each). Each pod of the sample application (frontend -> backend -> database) is shaped as istiod
 injects it. Its app stub then connects to the next service's ClusterIP; with one bridge per
 stand-in, pods on different nodes cannot reach each other at all, which does not matter: the
@@ -49,13 +49,13 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from . import names
+from istio_pod_network_controller import names
 
 if TYPE_CHECKING:  # imported when used: `--help` and the prerequisite check stay light
-    from .testing.agentproc import AgentProcess
-    from .testing.controlplane import ControlPlane
-    from .testing.node import NodeStandIn
-    from .testing.webhookproc import WebhookProcess
+    from ..agentproc import AgentProcess
+    from ..controlplane import ControlPlane
+    from ..standin import NodeStandIn
+    from ..webhookproc import WebhookProcess
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def check_prerequisites() -> None:
             f"missing system tools: {', '.join(missing)}. Run {SETUP} as root (it installs iptables, "
             "nftables, iproute2 and util-linux)."
         )
-    from .testing import binaries
+    from .. import binaries
 
     try:
         binaries.find_all(binaries.ALL_BINARIES)
@@ -137,7 +137,7 @@ def check_prerequisites() -> None:
             "it builds them once into ~/.cache/istio-pod-network-controller/testbin (or set "
             "KUBEBUILDER_ASSETS to a folder holding etcd, kube-apiserver and kubectl)."
         ) from None
-    from .testing.cgroups import mounts
+    from ..cgroups import mounts
 
     if not ({"v2", "pids"} & set(mounts())):
         raise DemoError("neither a cgroup v2 tree nor a cgroup v1 pids tree is mounted on this machine")
@@ -673,8 +673,8 @@ class Demo:
         self.stack.callback(handler.close)
 
     def _start_cluster(self) -> None:
-        from .testing import chart
-        from .testing.controlplane import ControlPlane
+        from .. import chart
+        from ..controlplane import ControlPlane
 
         with ThreadPoolExecutor(1) as pool:
             # helm needs no cluster for `helm template`: render while the control plane starts.
@@ -712,7 +712,7 @@ class Demo:
 
     def _apply(self, objects: Sequence[Mapping[str, Any]]) -> None:
         """``kubectl apply`` as the admin, its discovery cache in the demo's folder (not ~/.kube)."""
-        from .testing import chart
+        from .. import chart
 
         cache = f"--cache-dir={self.workdir / 'kubectl-cache'}"
         done = self.cp.kubectl(cache, "apply", "-f", "-", input=chart.dump(objects), check=False)
@@ -720,7 +720,7 @@ class Demo:
             raise DemoError(f"kubectl apply failed: {(done.stderr or done.stdout).strip()}")
 
     def _install_controller(self) -> None:
-        from .testing import chart
+        from .. import chart
 
         with self.step("applying the chart's Namespace, ServiceAccounts and RBAC") as out:
             wanted = {"Namespace"} | set(chart.RBAC_KINDS)
@@ -753,9 +753,9 @@ class Demo:
             ]
 
     def _start_nodes_and_components(self) -> None:
-        from .testing.agentproc import AgentProcess
-        from .testing.node import NodeStandIn
-        from .testing.webhookproc import WebhookProcess
+        from ..agentproc import AgentProcess
+        from ..standin import NodeStandIn
+        from ..webhookproc import WebhookProcess
 
         agent_args = self._chart_args("DaemonSet", drop=("--proc-root", "--listen-address", "--workers"))
         workers = next(
@@ -1207,7 +1207,7 @@ class Demo:
 
     def keep(self, wait: Callable[[], None]) -> None:
         """Print how to look around, then wait (until Ctrl-C or SIGTERM)."""
-        from .testing import binaries
+        from .. import binaries
 
         kubectl = binaries.find("kubectl")
         kubeconfig = self.cp.kubeconfig_path
