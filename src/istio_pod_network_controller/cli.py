@@ -78,7 +78,10 @@ def load_command(name: str) -> ModuleType:
     try:
         module = importlib.import_module(entry.module)
     except ImportError as e:
-        raise CommandUnavailable(f"{name}: {entry.value} cannot be imported ({e}); {NOT_INSTALLED}") from e
+        # Metadata without its files (a checkout moved or deleted) is "not installed"; anything
+        # else is a broken module, reported as it is.
+        gone = isinstance(e, ModuleNotFoundError) and (entry.module + ".").startswith(f"{e.name}.")
+        raise CommandUnavailable(NOT_INSTALLED if gone else f"{entry.value} cannot be imported: {e}") from e
     if not callable(getattr(module, "main", None)):
         raise CommandUnavailable(f"{name}: {entry.value} has no main(argv)")
     return module

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ipnc_dev.demo import orchestration as demo
+from ipnc_dev.demo import orchestration, scenario
 from istio_pod_network_controller.render import render
 from istio_pod_network_controller.spec import spec_from_pod
 
@@ -31,8 +31,8 @@ def _container(pod: dict[str, Any], name: str) -> dict[str, Any]:
 def test_not_root_fails_with_one_line_naming_the_setup_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(demo.os, "geteuid", lambda: 1000)
-    assert demo.run(demo.Options()) == 1
+    monkeypatch.setattr(orchestration.os, "geteuid", lambda: 1000)
+    assert orchestration.run(orchestration.Options()) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs root" in err and "./scripts/setup" in err, err
 
@@ -40,27 +40,27 @@ def test_not_root_fails_with_one_line_naming_the_setup_command(
 def test_a_missing_test_binary_names_the_setup_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(demo.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(demo, "SYSTEM_TOOLS", ("ls",))
+    monkeypatch.setattr(orchestration.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(orchestration, "SYSTEM_TOOLS", ("ls",))
     monkeypatch.delenv("KUBEBUILDER_ASSETS", raising=False)
     monkeypatch.delenv("IPNC_TESTBIN_DIR", raising=False)
     monkeypatch.setenv("IPNC_TESTBIN_CACHE", str(tmp_path))
-    assert demo.run(demo.Options()) == 1
+    assert orchestration.run(orchestration.Options()) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'etcd'" in err and "./scripts/setup" in err, err
 
 
 def test_a_missing_system_tool_names_it_and_the_setup_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(demo.os, "geteuid", lambda: 0)
-    monkeypatch.setattr(demo, "SYSTEM_TOOLS", ("ls", "ipnc-no-such-tool"))
+    monkeypatch.setattr(orchestration.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(orchestration, "SYSTEM_TOOLS", ("ls", "ipnc-no-such-tool"))
     expected = r"missing system tools: ipnc-no-such-tool\. Run \./scripts/setup"
-    with pytest.raises(demo.DemoError, match=expected):
-        demo.check_prerequisites()
+    with pytest.raises(orchestration.DemoError, match=expected):
+        orchestration.check_prerequisites()
 
 
 def test_the_sample_pod_is_shaped_as_istiod_injects_it(injected_dir: Path) -> None:
     istio = _istio_hello(injected_dir)
-    ours = demo.sample_pod("frontend", "mesh-demo", "node-1")
+    ours = scenario.sample_pod("frontend", "mesh-demo", "node-1")
     assert [c["name"] for c in ours["spec"]["initContainers"]] == ["istio-init", "istio-proxy"]
     for name in ("istio-init", "istio-proxy"):
         mine, theirs = _container(ours, name), _container(istio, name)
@@ -78,8 +78,8 @@ def test_the_sample_pod_is_shaped_as_istiod_injects_it(injected_dir: Path) -> No
 
 
 def test_only_istio_init_adds_capabilities() -> None:
-    pod = demo.sample_pod("backend", "mesh-demo", "node-2")
-    assert sorted(demo.added_capabilities(pod)) == ["NET_ADMIN", "NET_RAW"]
+    pod = scenario.sample_pod("backend", "mesh-demo", "node-2")
+    assert sorted(scenario.added_capabilities(pod)) == ["NET_ADMIN", "NET_RAW"]
     pod["spec"]["initContainers"] = [c for c in pod["spec"]["initContainers"] if c["name"] != "istio-init"]
-    assert demo.added_capabilities(pod) == []
+    assert scenario.added_capabilities(pod) == []
     assert pod["spec"]["nodeName"] == "node-2" and pod["spec"]["serviceAccountName"] == "backend"

@@ -2,7 +2,7 @@
 
 Someone who clones the project has no cluster at hand, and a list of passing tests does not show
 what the controller is for. This module assembles the test harness's real parts into the story
-the project tells (issue 8): Istio's injected pods, which need NET_ADMIN for their istio-init, are
+the project tells: Istio's injected pods, which need NET_ADMIN for their istio-init, are
 admitted into a namespace that enforces the ``restricted`` Pod Security level, get their redirect
 rules from the node agent instead, wait for them in an unprivileged init container, start, and
 their outbound traffic is captured by their sidecar.
@@ -23,6 +23,10 @@ Everything is torn down at the end (or on Ctrl-C, or SIGTERM): processes, networ
 their veths, cgroups, temporary folders. ``--keep`` leaves it running for kubectl until Ctrl-C.
 The output is a live table on a terminal and plain lines with timings otherwise; a JSON summary
 (``--json-summary``) lets a test check the outcome and what had to be cleaned up.
+
+This module runs it: prerequisites, start and stop of every part, the steps of the story,
+signals. The pods and what counts as success are in ``scenario``, the records and the summary in
+``summary``, the terminal output in ``display``.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ import itertools
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -44,12 +47,32 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from istio_pod_network_controller import names
+
+from .display import Display
+from .scenario import (
+    DEMO_NAMESPACE,
+    ISTIO_INIT,
+    ISTIO_PROXY,
+    NODES,
+    OUTBOUND_PORT,
+    PLACEMENT,
+    SERVICE_PORT,
+    SERVICES,
+    W,
+    init_names,
+    intercepted,
+    is_mutated,
+    namespace_objects,
+    sample_pod,
+    webhook_probe_pod,
+)
+from .summary import HopRecord, PodRecord, Summary, print_summary, write_json
 
 if TYPE_CHECKING:  # imported when used: `--help` and the prerequisite check stay light
     from ..agentproc import AgentProcess
@@ -61,22 +84,7 @@ log = logging.getLogger(__name__)
 
 PROG = "istio-pod-network-controller"
 SETUP = "./scripts/setup"
-
-CONTROLLER_NAMESPACE = "istio-pod-network-controller"
-DEMO_NAMESPACE = "mesh-demo"
-NODES = ("node-1", "node-2")
-# Each service calls the next; placed so that both hops cross from one node to the other.
-SERVICES = ("frontend", "backend", "database")
-PLACEMENT = {"frontend": "node-1", "backend": "node-2", "database": "node-1"}
-SERVICE_PORT = 80
-APP_PORT = 8080
-PROXY_IMAGE = "docker.io/istio/proxyv2:1.26.2"
-APP_IMAGE = "registry.example/mesh-demo/{service}:1.0"
-PROXY_UID = 1337
-OUTBOUND_PORT = 15001
-ISTIO_INIT = "istio-init"
-ISTIO_PROXY = "istio-proxy"
-W = names.WAITER_CONTAINER
+CONTROLLER_NAMESPACE = "istio-pod-network-controller"  # where the chart installs the controller
 
 # What the node stand-in and the agent run, besides the test binaries (found in /usr/sbin too).
 SYSTEM_TOOLS = (
@@ -84,21 +92,6 @@ SYSTEM_TOOLS = (
     "iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore",
 )  # fmt: skip
 TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# What istiod's injection template writes for istio-init (REDIRECT mode, Istio's default ports)
-# and for the sidecar.
-ISTIO_INIT_ARGS = (
-    "istio-iptables", "-p", str(OUTBOUND_PORT), "-z", "15006", "-u", str(PROXY_UID), "-m", "REDIRECT",
-    "-i", "*", "-x", "", "-b", "*", "-d", "15090,15021,15020", "--log_output_level=default:info",
-)  # fmt: skip
-PROXY_ARGS = (
-    "proxy", "sidecar", "--domain", "$(POD_NAMESPACE).svc.cluster.local", "--proxyLogLevel=warning",
-    "--proxyComponentLogLevel=misc:error", "--log_output_level=default:info",
-)  # fmt: skip
-RESTRICTED_CONTAINER = {
-    "runAsNonRoot": True,
-    "allowPrivilegeEscalation": False,
-    "capabilities": {"drop": ["ALL"]},
-}
 
 
 class DemoError(RuntimeError):
@@ -141,424 +134,6 @@ def check_prerequisites() -> None:
 
     if not ({"v2", "pids"} & set(mounts())):
         raise DemoError("neither a cgroup v2 tree nor a cgroup v1 pids tree is mounted on this machine")
-
-
-# -- the sample application, as istiod injects it --------------------------------------------------
-
-
-def _istio_init() -> dict[str, Any]:
-    """istio-init as istiod's sidecar template writes it (REDIRECT mode, default ports)."""
-    return {
-        "name": ISTIO_INIT,
-        "image": PROXY_IMAGE,
-        "args": list(ISTIO_INIT_ARGS),
-        "resources": {"limits": {"cpu": "2", "memory": "1Gi"}, "requests": {"cpu": "10m", "memory": "40Mi"}},
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
-            "privileged": False,
-            "readOnlyRootFilesystem": False,
-            "runAsGroup": 0,
-            "runAsNonRoot": False,
-            "runAsUser": 0,
-        },
-    }
-
-
-def _field(path: str) -> dict[str, Any]:
-    return {"valueFrom": {"fieldRef": {"fieldPath": path}}}
-
-
-def _istio_proxy(service: str, namespace: str) -> dict[str, Any]:
-    """istio-proxy as a native sidecar (an init container with restartPolicy Always)."""
-    env: list[dict[str, Any]] = [
-        {"name": "PILOT_CERT_PROVIDER", "value": "istiod"},
-        {"name": "CA_ADDR", "value": "istiod.istio-system.svc:15012"},
-        {"name": "POD_NAME", **_field("metadata.name")},
-        {"name": "POD_NAMESPACE", **_field("metadata.namespace")},
-        {"name": "INSTANCE_IP", **_field("status.podIP")},
-        {"name": "SERVICE_ACCOUNT", **_field("spec.serviceAccountName")},
-        {"name": "HOST_IP", **_field("status.hostIP")},
-        {"name": "PROXY_CONFIG", "value": "{}\n"},
-        {"name": "ISTIO_META_POD_PORTS", "value": json.dumps([{"name": "http", "containerPort": APP_PORT}])},
-        {"name": "ISTIO_META_APP_CONTAINERS", "value": service},
-        {"name": "ISTIO_META_CLUSTER_ID", "value": "Kubernetes"},
-        {"name": "ISTIO_META_NODE_NAME", **_field("spec.nodeName")},
-        {"name": "ISTIO_META_INTERCEPTION_MODE", "value": "REDIRECT"},
-        {"name": "ISTIO_META_WORKLOAD_NAME", "value": service},
-        {"name": "ISTIO_META_OWNER", "value": f"kubernetes://apis/v1/namespaces/{namespace}/pods/{service}"},
-        {"name": "ISTIO_META_MESH_ID", "value": "cluster.local"},
-        {"name": "TRUST_DOMAIN", "value": "cluster.local"},
-    ]
-    mounts = [
-        ("/var/run/secrets/workload-spiffe-uds", "workload-socket"),
-        ("/var/run/secrets/credential-uds", "credential-socket"),
-        ("/var/run/secrets/workload-spiffe-credentials", "workload-certs"),
-        ("/var/run/secrets/istio", "istiod-ca-cert"),
-        ("/var/run/secrets/istio/crl", "istio-ca-crl"),
-        ("/var/lib/istio/data", "istio-data"),
-        ("/etc/istio/proxy", "istio-envoy"),
-        ("/var/run/secrets/tokens", "istio-token"),
-        ("/etc/istio/pod", "istio-podinfo"),
-    ]
-    return {
-        "name": ISTIO_PROXY,
-        "image": PROXY_IMAGE,
-        "args": list(PROXY_ARGS),
-        "env": env,
-        "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
-        "readinessProbe": {
-            "failureThreshold": 4,
-            "httpGet": {"path": "/healthz/ready", "port": 15021},
-            "periodSeconds": 15,
-            "timeoutSeconds": 3,
-        },
-        "startupProbe": {
-            "failureThreshold": 600,
-            "httpGet": {"path": "/healthz/ready", "port": 15021},
-            "periodSeconds": 1,
-            "timeoutSeconds": 3,
-        },
-        "resources": {"limits": {"cpu": "2", "memory": "1Gi"}, "requests": {"cpu": "10m", "memory": "40Mi"}},
-        "restartPolicy": "Always",
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsGroup": PROXY_UID,
-            "runAsNonRoot": True,
-            "runAsUser": PROXY_UID,
-        },
-        "volumeMounts": [{"mountPath": path, "name": name} for path, name in mounts],
-    }
-
-
-def _istio_volumes() -> list[dict[str, Any]]:
-    return [
-        {"name": "workload-socket", "emptyDir": {}},
-        {"name": "credential-socket", "emptyDir": {}},
-        {"name": "workload-certs", "emptyDir": {}},
-        {"name": "istio-envoy", "emptyDir": {"medium": "Memory"}},
-        {"name": "istio-data", "emptyDir": {}},
-        {
-            "name": "istio-podinfo",
-            "downwardAPI": {
-                "items": [
-                    {"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}},
-                    {"path": "annotations", "fieldRef": {"fieldPath": "metadata.annotations"}},
-                ]
-            },
-        },
-        {
-            "name": "istio-token",
-            "projected": {
-                "sources": [
-                    {
-                        "serviceAccountToken": {
-                            "audience": "istio-ca",
-                            "expirationSeconds": 43200,
-                            "path": "istio-token",
-                        }
-                    }
-                ]
-            },
-        },
-        {"name": "istiod-ca-cert", "configMap": {"name": "istio-ca-root-cert"}},
-        {"name": "istio-ca-crl", "configMap": {"name": "istio-ca-crl", "optional": True}},
-    ]
-
-
-def pod_suffix() -> str:
-    """Five characters, as a ReplicaSet's pods get."""
-    alphabet = "bcdfghjklmnpqrstvwxz2456789"
-    return "".join(secrets.choice(alphabet) for _ in range(5))
-
-
-def sample_pod(service: str, namespace: str, node: str, name: str | None = None) -> dict[str, Any]:
-    """The sample application's pod for ``service`` as istiod's sidecar injector returns it
-    (istio-init with NET_ADMIN, istio-proxy as a native sidecar, Istio's volumes and
-    annotations), bound to ``node``. Its own container is written for ``restricted``, as an
-    application in such a namespace must be; only Istio's istio-init is not."""
-    status = {
-        "initContainers": [ISTIO_INIT, ISTIO_PROXY],
-        "containers": None,
-        "volumes": [v["name"] for v in _istio_volumes()],
-        "imagePullSecrets": None,
-        "revision": "default",
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name or f"{service}-{pod_suffix()}",
-            "namespace": namespace,
-            "labels": {
-                "app": service,
-                "version": "v1",
-                "security.istio.io/tlsMode": "istio",
-                "service.istio.io/canonical-name": service,
-                "service.istio.io/canonical-revision": "v1",
-            },
-            "annotations": {
-                "istio.io/rev": "default",
-                "kubectl.kubernetes.io/default-container": service,
-                "kubectl.kubernetes.io/default-logs-container": service,
-                "prometheus.io/path": "/stats/prometheus",
-                "prometheus.io/port": "15020",
-                "prometheus.io/scrape": "true",
-                names.SIDECAR_STATUS: json.dumps(status, separators=(",", ":")),
-            },
-        },
-        "spec": {
-            "nodeName": node,
-            "serviceAccountName": service,
-            "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-            "initContainers": [_istio_init(), _istio_proxy(service, namespace)],
-            "containers": [
-                {
-                    "name": service,
-                    "image": APP_IMAGE.format(service=service),
-                    "ports": [{"containerPort": APP_PORT, "name": "http", "protocol": "TCP"}],
-                    "securityContext": copy.deepcopy(RESTRICTED_CONTAINER),
-                }
-            ],
-            "volumes": _istio_volumes(),
-        },
-    }
-
-
-def added_capabilities(pod: Mapping[str, Any]) -> list[str]:
-    """Every capability any container of the pod adds."""
-    found: list[str] = []
-    spec = pod.get("spec") or {}
-    for key in ("initContainers", "containers"):
-        for c in spec.get(key) or []:
-            found += ((c.get("securityContext") or {}).get("capabilities") or {}).get("add") or []
-    return found
-
-
-def init_names(pod: Mapping[str, Any]) -> list[str]:
-    return [str(c.get("name")) for c in (pod.get("spec") or {}).get("initContainers") or []]
-
-
-# -- what the demo records -------------------------------------------------------------------------
-
-
-@dataclass
-class PodRecord:
-    """One pod of the sample application, as the demo saw it (seconds from its creation)."""
-
-    service: str
-    name: str
-    node: str
-    uid: str = ""
-    ip: str = ""
-    admitted: bool = False
-    mutated: bool = False  # waiter first, no istio-init, no capability added, args kept
-    init_containers: list[str] = field(default_factory=list)
-    programmed_s: float | None = None
-    apply_ms: float | None = None
-    rules: int | None = None
-    backend: str = ""
-    netns_inode: int | None = None
-    waiter_s: float | None = None
-    waiter_line: str = ""
-    initialized_s: float | None = None
-    running_s: float | None = None
-    problem: str = ""
-    requests_sent: int = 0
-    requests_intercepted: int = 0
-    reached_directly: int = 0
-    created_at: float = 0.0  # monotonic; not reported
-
-    @property
-    def ok(self) -> bool:
-        return self.mutated and self.programmed_s is not None and self.running_s is not None
-
-
-@dataclass
-class HopRecord:
-    """One connection of a request: the app of ``source`` to ``service``'s ClusterIP."""
-
-    request: int
-    source: str
-    source_node: str
-    service: str
-    address: str
-    port: int
-    target_pods: list[str]
-    target_nodes: list[str]
-    intercepted: bool = False
-    answered_by: str = ""  # "<container>:<port>" of the listener that answered
-    original_destination: list[Any] | None = None
-    recorded_by_sidecar: bool = False  # the sender's sidecar stub logged this very connection
-    ms: float = 0.0
-    error: str = ""
-
-
-@dataclass
-class Resources:
-    """What the demo created, so that a test can check it is all gone afterwards."""
-
-    workdir: str = ""
-    api_server: str = ""  # kubectl keeps no cache for it under ~/.kube
-    netns_prefixes: list[str] = field(default_factory=list)
-    cgroup_tops: list[str] = field(default_factory=list)
-    netns_inodes: list[int] = field(default_factory=list)
-    processes: list[list[int]] = field(default_factory=list)  # [pid, start time in clock ticks]
-
-    def add_pid(self, pid: int | None) -> None:
-        if pid is None:
-            return
-        start = process_start(pid)
-        if start is not None and [pid, start] not in self.processes:
-            self.processes.append([pid, start])
-
-
-def process_start(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot), which tells a reused PID apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat[stat.rindex(")") + 2 :].split()[19])
-
-
-@dataclass
-class Summary:
-    ok: bool = False
-    failure: str = ""
-    seconds: float = 0.0
-    setup_seconds: float = 0.0
-    teardown_seconds: float = 0.0
-    kept: bool = False
-    pods: list[PodRecord] = field(default_factory=list)
-    hops: list[HopRecord] = field(default_factory=list)
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    resources: Resources = field(default_factory=Resources)
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for pod in data["pods"]:
-            pod.pop("created_at", None)
-        data["pods_total"] = len(self.pods)
-        data["pods_running"] = sum(1 for p in self.pods if p.ok)
-        data["requests_total"] = len(self.hops)
-        data["requests_intercepted"] = sum(1 for h in self.hops if h.intercepted)
-        return data
-
-
-# -- display ---------------------------------------------------------------------------------------
-
-
-def _cell(value: float | None, unit: str = "s", digits: int = 2) -> str:
-    return "…" if value is None else f"{value:.{digits}f} {unit}"
-
-
-class Display:
-    """Progress as it happens: a live pod table under the event lines on a terminal, plain lines
-    with timings otherwise (CI, pipes). Both print the same event lines."""
-
-    def __init__(self, *, live: bool | None = None) -> None:
-        from rich.console import Console
-
-        interactive = sys.stdout.isatty() if live is None else live
-        self.console = Console(
-            highlight=False,
-            soft_wrap=not interactive,
-            width=None if interactive else 200,
-            force_terminal=interactive,
-        )
-        self.interactive = interactive
-        self.t0 = time.monotonic()
-        self.activity = ""
-        self.pods: list[PodRecord] = []
-        self._live: Any = None
-        if interactive:
-            from rich.live import Live
-
-            self._live = Live(
-                get_renderable=self._render,
-                console=self.console,
-                refresh_per_second=10,
-                transient=True,
-                redirect_stdout=False,
-                redirect_stderr=False,
-            )
-            self._live.start()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def _stamp(self) -> str:
-        return f"[dim]{self.elapsed():6.1f}s[/dim]"
-
-    def line(self, text: str) -> None:
-        self.console.print(f"{self._stamp()}  {text}")
-
-    def plain(self, text: str = "") -> None:
-        self.console.print(text)
-
-    def begin(self, activity: str) -> None:
-        """What the demo is doing now (shown with a spinner on a terminal)."""
-        self.activity = activity
-
-    def done(self, text: str, seconds: float | None = None) -> None:
-        took = f" [dim]({seconds:.1f} s)[/dim]" if seconds is not None else ""
-        self.line(f"[green]✓[/green] {text}{took}")
-        self.activity = ""
-
-    def detail(self, text: str) -> None:
-        for line in text.splitlines() or [""]:
-            self.console.print(f"{'':9}    [dim]{line}[/dim]", markup=True)
-
-    def fail(self, text: str) -> None:
-        self.line(f"[red]✗ {text}[/red]")
-
-    def _render(self) -> Any:
-        from rich.console import Group
-        from rich.spinner import Spinner
-
-        parts: list[Any] = []
-        if self.pods:
-            parts.append(pod_table(self.pods, live=True, wide=self.console.width >= 100))
-        if self.activity:
-            parts.append(Spinner("dots", text=f" {self.activity}"))
-        return Group(*parts)
-
-    def close(self) -> None:
-        if self._live is not None:
-            self._live.stop()
-            self._live = None
-
-
-def pod_table(pods: Sequence[PodRecord], *, live: bool = False, wide: bool = True) -> Any:
-    """Pods, one row each: mutated by the webhook, programmed by the agent (seconds after the pod
-    was created, and the agent's own apply time), initialized, running, requests intercepted."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(
-        box=box.SIMPLE_HEAD if live else (box.ASCII2 if wide else box.SIMPLE),
-        title=None if live else "Summary",
-        padding=(0, 1),
-    )
-    # An 80-column terminal gets the essentials; the mutation is in each pod's first event line.
-    headers = ["pod", "node", *(["pod IP", "mutated"] if wide else []), "rules", "apply"]
-    headers += ["initialized", "running", "requests"]
-    for header in headers:
-        table.add_column(
-            header, justify="left" if header in ("pod", "node", "pod IP") else "right", no_wrap=True
-        )
-    for p in pods:
-        mutated = "…" if not p.admitted else ("✓" if p.mutated else "✗")
-        applied = f"{p.apply_ms:.0f} ms" if p.apply_ms is not None else "…"
-        sent = f"{p.requests_intercepted}/{p.requests_sent}" if p.requests_sent else "-"
-        row = [p.name, p.node, *([p.ip or "…", mutated] if wide else []), _cell(p.programmed_s), applied]
-        row += [_cell(p.initialized_s), _cell(p.running_s), sent]
-        table.add_row(*row)
-    return table
 
 
 # -- the demo --------------------------------------------------------------------------------------
@@ -819,50 +394,8 @@ class Demo:
     def _prepare_namespace(self) -> None:
         from lightkube import codecs
 
-        labels = {
-            "pod-security.kubernetes.io/enforce": "restricted",
-            "pod-security.kubernetes.io/warn": "restricted",
-            "pod-security.kubernetes.io/audit": "restricted",
-            names.OPT_IN: names.OPT_IN_VALUE,
-            "istio-injection": "enabled",
-        }
         with self.step(f"creating namespace {DEMO_NAMESPACE}") as out:
-            docs: list[dict[str, Any]] = [
-                {
-                    "apiVersion": "v1",
-                    "kind": "Namespace",
-                    "metadata": {"name": DEMO_NAMESPACE, "labels": labels},
-                },
-                {  # what istiod publishes in every namespace (the sidecar mounts it)
-                    "apiVersion": "v1",
-                    "kind": "ConfigMap",
-                    "metadata": {"name": "istio-ca-root-cert", "namespace": DEMO_NAMESPACE},
-                    "data": {"root-cert.pem": self._ca_pem()},
-                },
-            ]
-            for service in SERVICES:
-                docs.append(
-                    {
-                        "apiVersion": "v1",
-                        "kind": "ServiceAccount",
-                        "metadata": {"name": service, "namespace": DEMO_NAMESPACE},
-                    }
-                )
-                docs.append(
-                    {
-                        "apiVersion": "v1",
-                        "kind": "Service",
-                        "metadata": {
-                            "name": service,
-                            "namespace": DEMO_NAMESPACE,
-                            "labels": {"app": service},
-                        },
-                        "spec": {
-                            "selector": {"app": service},
-                            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http"}],
-                        },
-                    }
-                )
+            docs = namespace_objects(self._ca_pem())
             for doc in docs:
                 created = self.client.create(codecs.from_dict(doc))
                 if doc["kind"] == "Service":
@@ -922,25 +455,7 @@ class Demo:
             # pods until one comes back mutated (no stand-in runs a pod without a node).
             deadline = time.monotonic() + 20
             for attempt in range(1, 1000):
-                probe: dict[str, Any] = {
-                    "apiVersion": "v1",
-                    "kind": "Pod",
-                    "metadata": {"name": f"webhook-probe-{attempt}", "namespace": DEMO_NAMESPACE},
-                    "spec": {
-                        "securityContext": {
-                            "runAsNonRoot": True,
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
-                        "containers": [
-                            {
-                                "name": n,
-                                "image": "registry.example/probe",
-                                "securityContext": copy.deepcopy(RESTRICTED_CONTAINER),
-                            }
-                            for n in ("app", ISTIO_PROXY)
-                        ],
-                    },
-                }
+                probe = webhook_probe_pod(attempt)
                 created = self.client.create(Pod.from_dict(probe)).to_dict()
                 with contextlib.suppress(ApiError):
                     self.client.delete(
@@ -980,13 +495,7 @@ class Demo:
             record.uid = str(created["metadata"]["uid"])
             record.admitted = True
             record.init_containers = init_names(created)
-            annotations = created["metadata"].get("annotations") or {}
-            record.mutated = (
-                record.init_containers[:1] == [W]
-                and ISTIO_INIT not in record.init_containers
-                and not added_capabilities(created)
-                and names.IPTABLES_ARGS in annotations
-            )
+            record.mutated = is_mutated(created)
             self.pods[record.name] = record
             self.display.pods = list(self.pods.values())
             if record.mutated:
@@ -1180,12 +689,7 @@ class Demo:
                 hop.recorded_by_sidecar = any(
                     r.get("token") == token for r in standin.connections(source.uid, ISTIO_PROXY)
                 )
-            hop.intercepted = (
-                reply.get("server") == ISTIO_PROXY
-                and reply.get("port") == OUTBOUND_PORT
-                and hop.original_destination == [address, SERVICE_PORT]
-                and hop.recorded_by_sidecar
-            )
+            hop.intercepted = intercepted(reply, address, recorded_by_sidecar=hop.recorded_by_sidecar)
         else:
             hop.error = str(answer.get("error") or answer)
         source.requests_sent += 1
@@ -1248,36 +752,6 @@ class Demo:
 # -- entry point -----------------------------------------------------------------------------------
 
 
-def _print_summary(display: Display, summary: Summary) -> None:
-    display.plain()
-    wide = display.console.width >= 100
-    display.console.print(pod_table(summary.pods, wide=wide))
-    legend = "mutated: the webhook replaced istio-init by the waiter, no capability added; " if wide else ""
-    display.plain(
-        f"{legend}rules: when the agent's mark came (after the pod's creation); apply: the agent's own "
-        "time to write and verify them; initialized: all init containers done (waiter, sidecar); "
-        "running: ready; requests: caught by the sender's sidecar"
-    )
-    running = sum(1 for p in summary.pods if p.ok)
-    intercepted = sum(1 for h in summary.hops if h.intercepted)
-    direct = sum(p.reached_directly for p in summary.pods)
-    verdict = "[green]OK[/green]" if summary.ok else "[red]FAILED[/red]"
-    display.plain(
-        f"{verdict}: {running}/{len(summary.pods)} pods initialized and running under restricted, "
-        f"{intercepted}/{len(summary.hops)} requests intercepted by the sender's sidecar with their original "
-        f"destination, {direct} reached an application around its sidecar; "
-        f"set-up {summary.setup_seconds:.1f} s, total {summary.seconds:.1f} s"
-    )
-
-
-def _write_json(path: Path | None, summary: Summary) -> None:
-    if path is None:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
-    tmp.replace(path)
-
-
 def run(options: Options) -> int:
     """The ``demo`` command: 0 only when every pod initialized and ran and every request was
     intercepted; 1 otherwise (with one line saying why)."""
@@ -1307,7 +781,7 @@ def run(options: Options) -> int:
             summary.seconds = time.monotonic() - t0
             display.close()
             summary.pods = list(demo.pods.values())
-            _print_summary(display, summary)
+            print_summary(display, summary)
             if options.keep:
 
                 def wait() -> None:
@@ -1317,7 +791,7 @@ def run(options: Options) -> int:
                                 raise DemoError(f"{name} exited with status {code}")
 
                 summary.kept = True
-                _write_json(options.json_summary, summary)  # rewritten after the teardown
+                write_json(options.json_summary, summary)  # rewritten after the teardown
                 demo.keep(wait)
         except Interrupted as exc:
             if not summary.failure and not summary.kept:
@@ -1353,7 +827,7 @@ def run(options: Options) -> int:
         summary.pods = list(demo.pods.values())
         if demo.workdir != Path():
             display.plain(f"removed everything ({summary.teardown_seconds:.1f} s)")
-        _write_json(options.json_summary, summary)
+        write_json(options.json_summary, summary)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if summary.ok else 1
