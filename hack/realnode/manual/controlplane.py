@@ -21,7 +21,7 @@ state = Path(sys.argv[1])
 state.mkdir(parents=True, exist_ok=True)
 cp = ControlPlane.start(extra_apiserver_args=sys.argv[2:])
 pki = cp.workdir / "pki"
-cp._apiserver_argv += [  # noqa: SLF001 - see the module docstring
+cp._apiserver_argv += [
     f"--kubelet-client-certificate={pki / 'admin.crt'}",
     f"--kubelet-client-key={pki / 'admin.key'}",
 ]

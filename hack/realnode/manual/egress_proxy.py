@@ -37,7 +37,7 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) ->
         up_reader, up_writer = await asyncio.wait_for(
             asyncio.open_connection(host.strip("[]"), int(port)), DIAL_TIMEOUT
         )
-    except (OSError, ValueError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
+    except (TimeoutError, OSError, ValueError, asyncio.IncompleteReadError) as e:
         print(f"egress: refused: {e!r}", flush=True)
         writer.write(b"HTTP/1.1 502 Bad Gateway\r\n\r\n")
         writer.close()
