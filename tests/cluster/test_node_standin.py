@@ -198,8 +198,14 @@ def test_pod_gets_a_namespace_with_its_ips_processes_the_agent_finds_and_a_kubel
             assert _uid_of(pid) == uid
             assert in_pod_cgroup(Path(f"/proc/{pid}/cgroup").read_text(), view.uid)
 
-    # The status, as the kubelet reports it.
-    status = _status(kube, namespace, "web")
+    # The status, as the kubelet reports it. The stand-in's view turns ready before the status
+    # patch that says so reaches the API server: wait for the API to show Ready, then check it all.
+    def ready_status() -> dict[str, Any] | None:
+        status = _status(kube, namespace, "web")
+        conditions = {c["type"]: c["status"] for c in status.get("conditions") or []}
+        return status if conditions.get("Ready") == "True" else None
+
+    status = _eventually("the API shows the pod Ready", ready_status)
     assert status["phase"] == "Running"
     assert status["podIP"] == view.ipv4
     assert [i["ip"] for i in status["podIPs"]] == [view.ipv4, view.ipv6]
