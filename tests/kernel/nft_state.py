@@ -84,18 +84,19 @@ def _ip(*args: str) -> None:
 
 
 def run_in(
-    path: str,
+    path: str | None,
     argv: Sequence[str],
     *,
     binds: Mapping[str, Path] | None = None,
     env: Mapping[str, str] | None = None,
     stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """``argv`` in the network namespace at ``path`` and a private mount namespace where each
-    ``binds`` target (/etc/group, ...) shows the given file."""
+    """``argv`` in the network namespace at ``path`` (None: this one) and a private mount
+    namespace where each ``binds`` target (/etc/group, ...) shows the given file."""
     pairs = [arg for target, source in (binds or {}).items() for arg in (str(source), target)]
+    enter = ["nsenter", f"--net={path}"] if path is not None else []
     command = [
-        "nsenter", f"--net={path}", "unshare", "--mount", "--propagation", "private",
+        *enter, "unshare", "--mount", "--propagation", "private",
         "sh", "-c", _BIND_AND_EXEC, "sh", *pairs, "--", *argv,
     ]  # fmt: skip
     base = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")}

@@ -117,7 +117,8 @@ def test_more_owner_groups_load_as_a_set(groups: Path) -> None:
     assert "Could not process rule" in try_load_nft(istio, groups).stderr
 
 
-def test_ports_with_leading_zeros_mean_what_iptables_reads(groups: Path) -> None:
+def test_the_kernel_gets_the_port_the_spec_holds(groups: Path) -> None:
+    # nft reads `010` as octal 8 (so does iptables-restore, and Istio passes the text on).
     loaded = json.dumps(load_nft(ours("-b", "010"), groups))
     assert '"right": 10}' in loaded
     assert '"right": 8}' not in loaded

@@ -90,8 +90,10 @@ def test_every_rule_counts() -> None:
 
 
 def test_tproxy_and_ipv6_carry_what_lies_outside_nftables() -> None:
-    assert nft("-m", "TPROXY", "-t", "7", "-r", "70").tproxy == TproxyRoute(7, 70)
+    assert nft("-m", "TPROXY", "-t", "7", "-r", "70", "-b", "*").tproxy == TproxyRoute(7, 70)
     assert nft().tproxy is None
+    # istio-iptables adds the policy route only when TPROXY captures some inbound port.
+    assert nft("-m", "TPROXY").tproxy is None
     assert nft("--ipv6").ipv6_passthrough_address
     assert not nft().ipv6_passthrough_address
 
@@ -179,8 +181,8 @@ def test_more_included_owner_groups_than_one_rule_holds_become_a_set() -> None:
     )
 
 
-def test_ports_with_leading_zeros_are_decimal() -> None:
-    # nft reads `tcp dport 010` as octal 8; iptables and Istio's iptables mode read 10.
+def test_ports_are_written_in_decimal() -> None:
+    # nft (and iptables-restore) read `010` as octal 8; the spec holds 10, so 10 is written.
     text = nft("-b", "010").text()
     assert "tcp dport 10 counter jump istio-in-redirect" in text
     assert "dport 010" not in text

@@ -534,7 +534,10 @@ def render_nftables(spec: RedirectSpec) -> NftRuleset:
     tables = (_table(name, b.rules[name]) for name in TableName)
     return NftRuleset(
         tables=tuple(t for t in tables if t is not None),
-        tproxy=TproxyRoute(spec.tproxy_mark, spec.tproxy_route_table) if tproxy else None,
+        # As istio-iptables: the policy route only when TPROXY captures some inbound port.
+        tproxy=TproxyRoute(spec.tproxy_mark, spec.tproxy_route_table)
+        if tproxy and not spec.inbound_ports.empty
+        else None,
         ipv6_passthrough_address=spec.ipv6,
     )
 
