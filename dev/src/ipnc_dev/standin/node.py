@@ -67,12 +67,14 @@ def _release_subnet(index: int) -> None:
 
 
 async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
-    """Cancel the tasks and wait until each has finished."""
+    """Cancel the tasks and wait until each has finished; a task that failed (a bug, not the
+    cancellation) raises its error here."""
     for task in tasks:
         task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    ended = await asyncio.gather(*tasks, return_exceptions=True)
+    failed = [e for e in ended if isinstance(e, Exception)]
+    if failed:
+        raise failed[0]
 
 
 # -- the stand-in ----------------------------------------------------------------------------
