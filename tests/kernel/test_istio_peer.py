@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import uuid
@@ -285,3 +286,69 @@ def test_port_ranges_and_interface_wildcards(value: tuple[str, str], files: File
     mine = our_apply(args, files, ipv6=False)
     assert mine.run.returncode != 0
     assert value[1] in mine.message and "Traceback" not in mine.message
+
+
+# Combinations beyond Istio's 28 cases: a fixed sample (the same on every run) of the settings
+# that interact -- interception mode, inbound and outbound selections, exclusions, DNS, IPv6,
+# owner groups, interfaces, proxy IDs, drop-invalid, loopback CIDR.
+CHOICES: dict[str, list[list[str]]] = {
+    "mode": [[], ["-m", "TPROXY"]],
+    "inbound": [["-b", ""], ["-b", "*"], ["-b", "80,8080"], ["-b", "*", "-d", "15020,15021"]],
+    "outbound": [
+        ["-i", ""],
+        ["-i", "*"],
+        ["-i", "10.0.0.0/8,fd00::/8"],
+        ["-i", "127.0.0.1/32"],
+        ["-i", "::1/128"],
+    ],
+    "exclude": [[], ["-x", "10.1.0.0/16,fd01::/16"], ["-o", "3306,53"], ["-q", "8443"]],
+    "dns": [
+        [],
+        ["--redirect-dns"],
+        ["--redirect-dns", "--capture-all-dns"],
+        ["--redirect-dns", "--dns-servers-v4", "10.96.0.10"],
+        ["--redirect-dns", "--dns-servers-v4", "10.96.0.10,10.96.0.11", "--dns-servers-v6", "fd00::10"],
+    ],
+    "ipv6": [[], ["--ipv6"]],
+    "groups": [[], ["--owner-groups-include", "java,202"], ["--owner-groups-exclude", "888,ftp"]],
+    "nics": [[], ["-c", "eth1"], ["-k", "eth0,eth1"], ["-c", "eth1", "-k", "eth0"]],
+    "ids": [[], ["-u", "3,4", "-g", "1,2"], ["-u", "0"]],
+    "invalid": [[], ["--drop-invalid"]],
+    "loopback": [[], ["--host-ipv4-loopback-cidr", "127.0.0.0/8"]],
+}
+SAMPLE_SIZE = 24
+SAMPLE_SEED = 0
+
+
+def sampled_configurations() -> list[list[str]]:
+    """A seeded sample in which every value of every setting appears at least once."""
+    rng = random.Random(SAMPLE_SEED)
+    sample = []
+    for _ in range(SAMPLE_SIZE):
+        args = list(BASE)
+        for values in CHOICES.values():
+            args += rng.choice(values)
+        # With IPv6 DNS servers, also IPv6 (an IPv4-only pod with them is the case above).
+        if "fd00::10" in args and "--ipv6" not in args:
+            args.append("--ipv6")
+        sample.append(args)
+    for values in CHOICES.values():
+        for value in values:
+            assert any(" ".join(value) in " ".join(args) for args in sample), f"{value} not in the sample"
+    return sample
+
+
+@pytest.mark.parametrize("args", sampled_configurations(), ids=lambda a: " ".join(a[len(BASE) :]) or "base")
+def test_sampled_configurations_match_istio_in_both_modes(args: list[str], files: Files) -> None:
+    config = IstioConfig.of(args)
+    real_nft = istio(config, files, nft=True)
+    assert real_nft.run.returncode == 0, real_nft.message
+    assert load_nft(ours_nft(args).text(), files.groups) == real_nft.state
+    real_iptables = istio(config, files, nft=False)
+    assert real_iptables.run.returncode == 0, real_iptables.message
+    mine = our_apply(args, files, ipv6=config.ipv6)
+    assert mine.run.returncode == 0, mine.message
+    assert mine.state == real_iptables.state
+    spec = parse_flags(args)
+    if not (spec.inbound_ports.empty and "TPROXY" in args):  # IPTABLES_MODE_DIFFERENCES
+        assert mine.routes == real_iptables.routes
