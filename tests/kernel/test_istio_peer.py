@@ -13,9 +13,11 @@ environment variables. The vectors' project flags for them are turned into exact
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import uuid
@@ -53,6 +55,7 @@ ENV_FLAGS = {
     "--owner-groups-exclude": "ISTIO_OUTBOUND_OWNER_GROUPS_EXCLUDE",
     "--host-ipv4-loopback-cidr": "ISTIO_OUTBOUND_IPV4_LOOPBACK_CIDR",
 }
+ADDRESS = re.compile(r"(?<![\w:])[0-9a-f]*:[0-9a-f:.]*/\d+")
 # Known differences of our iptables mode, each a finding (see the reasons).
 IPTABLES_MODE_DIFFERENCES = {
     "inbound-ports-empty-tproxy": "istio-iptables adds the TPROXY policy route only when some inbound port "
@@ -173,9 +176,26 @@ def test_istio_nft_mode_leaves_what_our_nft_ruleset_does(path: Path, files: File
     vec = vector(path)
     real = istio(IstioConfig.of(vec["args"]), files, nft=True)
     assert real.run.returncode == 0, real.message
+    # The transaction it ran (it logs it) is the golden, text for text, but for the spelling of
+    # IPv6 addresses: it reads DNS servers from resolv.conf and writes them canonical
+    # (::7f00:35), where Istio's test sets the text ::127.0.0.53.
+    assert canonical_addresses(logged_transaction(real)) == canonical_addresses(vec["nftables"])
     ruleset = ours_nft(vec["args"])
     assert load_nft(ruleset.text(), files.groups) == real.state
     expected_routes(ruleset, real.routes)
+
+
+def canonical_addresses(text: str) -> str:
+    return ADDRESS.sub(lambda found: str(ipaddress.ip_interface(found.group(0))), text)
+
+
+def logged_transaction(outcome: Outcome) -> str:
+    """The `nft -f` text istio-iptables logs after running it ("...programmed:\\n%s \\n")."""
+    head = "nftables rules programmed:\n"
+    log = outcome.run.stdout
+    assert head in log, "istio-iptables did not log its transaction"
+    text = log[log.index(head) + len(head) :]
+    return text[: text.rindex(" \n")]
 
 
 @pytest.mark.parametrize(
