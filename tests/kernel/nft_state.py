@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-NETNS_PREFIX = "ipnc-nft-"
+# The PID keeps the leak check to this run: other runs may have namespaces in flight.
+NETNS_PREFIX = f"ipnc-nft-{os.getpid()}-"
 TIMEOUT = 30
 # Groups Istio's test cases name (and one spelled like an nft keyword), added to a private copy
 # of /etc/group when missing.
