@@ -16,7 +16,7 @@ import enum
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -41,6 +41,7 @@ from .node.apply import Applier, ApplyResult
 from .node.errors import LocateError, NodeError
 from .node.netns import Netns, NetnsId, netns_id_of
 from .observe import Metrics, ReconcileResult
+from .podfacts import NamespaceFacts, PodFacts, as_mapping, namespace_facts, pod_facts
 from .probe import VERIFY_KEY, probe_plan, waiter_ids
 from .render import Ruleset, render
 from .spec import RedirectSpec, SpecError, parse_flags, spec_from_pod
@@ -87,14 +88,6 @@ def default_locator(proc_root: str) -> Locator:
     return find
 
 
-def pod_ips(pod: Mapping[str, Any]) -> tuple[str, ...]:
-    status = pod.get("status") or {}
-    ips = [item.get("ip") for item in status.get("podIPs") or [] if isinstance(item, Mapping)]
-    if not ips and status.get("podIP"):
-        ips = [status["podIP"]]
-    return tuple(ip for ip in ips if isinstance(ip, str))
-
-
 @dataclass(frozen=True, slots=True)
 class Plan:
     """The rules for one sandbox, and the flags they were built from (kept in the mark, so the
@@ -111,7 +104,7 @@ class Plan:
         return cls(spec, ruleset, ruleset.sha256(), tuple(to_args(spec)))
 
 
-def plan_from_pod(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None) -> Plan:
+def plan_from_pod(pod: PodFacts, namespace: NamespaceFacts | None) -> Plan:
     """Raises SpecError. Runs in a worker thread: its cost grows with the pod."""
     return Plan.of(spec_from_pod(pod, namespace))
 
@@ -151,7 +144,7 @@ class Programmed:
             return False
 
 
-def _marked_args(pod: Mapping[str, Any], inode: int) -> tuple[str, ...] | None:
+def _marked_args(pod: PodFacts, inode: int) -> tuple[str, ...] | None:
     """The flags of an ``initialized`` mark for this very namespace, if the pod carries one:
     where a previous agent process left the sandbox's rules. Only a hint of what to re-check,
     never proof that the rules are there."""
@@ -164,11 +157,6 @@ def _marked_args(pod: Mapping[str, Any], inode: int) -> tuple[str, ...] | None:
     if not all(isinstance(a, str) for a in args):
         return None
     return tuple(args)
-
-
-def _raw_detail(pod: Mapping[str, Any]) -> str | None:
-    value = ((pod.get("metadata") or {}).get("annotations") or {}).get(names.DETAIL)
-    return value if isinstance(value, str) else None
 
 
 @dataclass
@@ -225,24 +213,24 @@ class Agent:
     def _namespace_changed(self, name: str, namespace: dict[str, Any] | None) -> None:
         # The opt-in may live on the namespace: re-check its pods on this node.
         for uid, pod in self.pods.store.items():
-            if pod.get("metadata", {}).get("namespace") == name:
+            if as_mapping(pod.get("metadata")).get("namespace") == name:
                 self.queue.add(uid)
 
     # -- the reconcile: plan -> locate -> apply -> report -------------------------------------
 
     async def reconcile(self, uid: str) -> Outcome:
-        pod = self.pods.store.get(uid)
-        if pod is None:
+        raw = self.pods.store.get(uid)
+        if raw is None:
             self._forget(uid)
             return Outcome.DONE  # deleted meanwhile: nothing to undo, the namespace went with it
-        meta = pod.get("metadata") or {}
-        if meta.get("deletionTimestamp") or (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        pod = pod_facts(raw)
+        if pod.deleting or pod.phase in ("Succeeded", "Failed"):
             self._forget(uid)
             return Outcome.DONE
-        namespace = self.namespaces.store.get(meta.get("namespace", ""))
+        namespace = namespace_facts(self.namespaces.store.get(pod.namespace))
         if not decide(pod, namespace, excluded_namespaces=self.config.excluded_namespaces).ours:
             return Outcome.DONE
-        ips = pod_ips(pod)
+        ips = pod.ips
         if not ips:
             # The kubelet reports the pod's IPs once its sandbox is up. Until then the namespace
             # cannot be checked against them, and an IPv6 address would be missed (no ip6tables
@@ -271,8 +259,8 @@ class Agent:
 
     async def _program(
         self,
-        pod: Mapping[str, Any],
-        namespace: Mapping[str, Any] | None,
+        pod: PodFacts,
+        namespace: NamespaceFacts | None,
         ref: PodRef,
         netns: Netns,
         ips: tuple[str, ...],
@@ -302,7 +290,7 @@ class Agent:
         self._programmed[ref.uid] = record
         if marked is not None and result.changed:
             self._drift_repaired(ref, result, fields)
-        raw = _raw_detail(pod)
+        raw = pod.annotations.get(names.DETAIL)
         if marked is not None and not result.changed and raw is not None:
             found = read_detail(pod)
             if found.get("rulesetSha256") == plan.sha:
@@ -313,7 +301,7 @@ class Agent:
 
     async def _keep(
         self,
-        pod: Mapping[str, Any],
+        pod: PodFacts,
         ref: PodRef,
         record: Programmed,
         *,
@@ -337,9 +325,11 @@ class Agent:
                 netns.close()
             if result.changed:
                 self._drift_repaired(ref, result, fields)
-        shown = _raw_detail(pod) == record.detail and read_status(pod) == names.STATUS_INITIALIZED
-        version = pod.get("metadata", {}).get("resourceVersion")
-        if shown or (record.mark_version and version == record.mark_version):
+        shown = (
+            pod.annotations.get(names.DETAIL) == record.detail
+            and read_status(pod) == names.STATUS_INITIALIZED
+        )
+        if shown or (record.mark_version and pod.resource_version == record.mark_version):
             record.mark_seen = True  # equality only: resourceVersions are opaque
         if shown or not (record.mark_seen or recheck):
             return Outcome.DONE  # marked, or our own patch is still on its way back
@@ -430,14 +420,14 @@ class Agent:
         self.events.record(ref, kind=kind, reason=reason, message=message)
 
     async def _apply_failed(
-        self, pod: Mapping[str, Any], ref: PodRef, exc: NodeError, fields: dict[str, Any], inode: int
+        self, pod: PodFacts, ref: PodRef, exc: NodeError, fields: dict[str, Any], inode: int
     ) -> Outcome:
         await self._report_error(pod, ref, "ApplyFailed", f"{exc.step}: {exc.reason}", fields, inode)
         return Outcome.RETRY
 
     async def _report_error(
         self,
-        pod: Mapping[str, Any],
+        pod: PodFacts,
         ref: PodRef,
         reason: str,
         message: str,

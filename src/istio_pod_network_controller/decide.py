@@ -6,12 +6,20 @@ out, with the reason in words so that logs and `rules` can say why a pod was lef
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Any
 
 from . import names
-from .spec.pod import PROXY_CONTAINER, annotations_of, envoy_disabled, proxy_container, proxy_type
+from .podfacts import (
+    PROXY_CONTAINER,
+    AnyNamespace,
+    AnyPod,
+    NamespaceFacts,
+    PodFacts,
+    namespace_facts,
+    pod_facts,
+)
+from .spec.pod import envoy_disabled
 
 DEFAULT_EXCLUDED_NAMESPACES = ("kube-system",)
 
@@ -22,77 +30,55 @@ class Decision:
     reason: str
 
 
-def _labels_of(obj: Mapping[str, Any] | None) -> dict[str, str]:
-    metadata = (obj or {}).get("metadata")
-    labels = metadata.get("labels") if isinstance(metadata, Mapping) else None
-    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
-
-
-def has_waiter(pod: Mapping[str, Any]) -> bool:
-    spec = pod.get("spec")
-    inits = spec.get("initContainers") if isinstance(spec, Mapping) else None
-    if not isinstance(inits, list):
-        return False
-    return any(isinstance(c, Mapping) and c.get("name") == names.WAITER_CONTAINER for c in inits)
-
-
-def scope_problem(pod: Mapping[str, Any]) -> str | None:
+def scope_problem(pod: AnyPod) -> str | None:
     """Why a pod can never be programmed, whatever its opt-in (None when it can): the pods that
     Istio's CNI plugin also leaves alone, and OpenShift's deployer and build pods."""
-    spec = pod.get("spec")
-    if isinstance(spec, Mapping) and spec.get("hostNetwork") is True:
+    pod = pod_facts(pod)
+    if pod.host_network:
         return "pod uses the host network: it has no network namespace of its own to program"
-    annotations = annotations_of(pod)
-    if names.OPENSHIFT_DEPLOYER in annotations or names.OPENSHIFT_BUILD in annotations:
+    if names.OPENSHIFT_DEPLOYER in pod.annotations or names.OPENSHIFT_BUILD in pod.annotations:
         return "OpenShift deployer or build pod"
-    proxy = proxy_container(pod)
-    if proxy is None:
+    if pod.proxy is None:
         return f"pod has no Istio sidecar (no '{PROXY_CONTAINER}' container or native sidecar)"
-    kind = proxy_type(proxy)
+    kind = pod.proxy.proxy_type
     if kind not in ("", "sidecar"):
         # Gateways run `proxy router`: they listen where sidecar capture would redirect to.
         return f"its proxy is of type {kind[:40]!r}, not a sidecar (a gateway): capture would break it"
-    if envoy_disabled(proxy):
+    if envoy_disabled(pod.proxy):
         return "its proxy runs without Envoy (DISABLE_ENVOY): nothing would receive captured traffic"
     return None
 
 
-def opted_in(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None) -> str | None:
+def opted_in(pod: PodFacts, namespace: NamespaceFacts | None) -> str | None:
     """How the pod is opted in, or None."""
-    if annotations_of(pod).get(names.OPT_IN) == names.OPT_IN_VALUE:
+    if pod.annotations.get(names.OPT_IN) == names.OPT_IN_VALUE:
         return "pod annotation"
-    if _labels_of(pod).get(names.OPT_IN) == names.OPT_IN_VALUE:
+    if pod.labels.get(names.OPT_IN) == names.OPT_IN_VALUE:
         return "pod label"  # a label, unlike an annotation, is what a webhook objectSelector matches
-    if annotations_of(namespace).get(names.OPT_IN) == names.OPT_IN_VALUE:
+    if namespace is not None and namespace.annotations.get(names.OPT_IN) == names.OPT_IN_VALUE:
         return "namespace annotation"
-    if _labels_of(namespace).get(names.OPT_IN) == names.OPT_IN_VALUE:
+    if namespace is not None and namespace.labels.get(names.OPT_IN) == names.OPT_IN_VALUE:
         return "namespace label"
-    if has_waiter(pod):
+    if pod.waiter is not None:
         return "waiting init container"
     return None
 
 
 def decide(
-    pod: Mapping[str, Any],
-    namespace: Mapping[str, Any] | None,
+    pod: AnyPod,
+    namespace: AnyNamespace,
     *,
     excluded_namespaces: Collection[str] = DEFAULT_EXCLUDED_NAMESPACES,
 ) -> Decision:
-    metadata = pod.get("metadata") if isinstance(pod.get("metadata"), Mapping) else {}
-    assert isinstance(metadata, Mapping)
-    ns_name = metadata.get("namespace") or _name_of(namespace)
+    pod = pod_facts(pod)
+    ns = namespace_facts(namespace)
+    ns_name = pod.namespace or (ns.name if ns is not None else "")
     if ns_name in excluded_namespaces:
         return Decision(False, f"namespace {ns_name} is excluded")
     problem = scope_problem(pod)
     if problem is not None:
         return Decision(False, problem)
-    how = opted_in(pod, namespace)
+    how = opted_in(pod, ns)
     if how is None:
         return Decision(False, "not opted in")
     return Decision(True, f"meshed, opted in by {how}")
-
-
-def _name_of(obj: Mapping[str, Any] | None) -> str | None:
-    metadata = (obj or {}).get("metadata")
-    name = metadata.get("name") if isinstance(metadata, Mapping) else None
-    return name if isinstance(name, str) else None

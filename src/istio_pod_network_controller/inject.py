@@ -36,18 +36,22 @@ from typing import Any
 
 from . import names
 from .decide import DEFAULT_EXCLUDED_NAMESPACES, decide
+from .podfacts import (
+    INIT_CONTAINER,
+    MAX_ID,
+    AnyNamespace,
+    AnyPod,
+    Container,
+    NamespaceFacts,
+    PodFacts,
+    as_list,
+    as_mapping,
+    namespace_facts,
+    pod_facts,
+)
 from .spec import RedirectSpec, SpecError, spec_from_pod
 from .spec.model import DEFAULT_PROXY_UID
-from .spec.pod import (
-    ANN_OPENSHIFT_UID_RANGE,
-    ENV_DNS_CAPTURE,
-    ENV_INVALID_DROP,
-    INIT_CONTAINER,
-    annotations_of,
-    env_of,
-    proxy_container,
-)
-from .spec.values import MAX_ID
+from .spec.pod import ANN_OPENSHIFT_UID_RANGE, ENV_DNS_CAPTURE, ENV_INVALID_DROP
 
 DEFAULT_WAITER_UID = 65532  # the conventional "nonroot" UID of distroless images; not the proxy's
 WAITER_RESOURCES: Mapping[str, Any] = {
@@ -63,7 +67,6 @@ DEFAULT_VOLUME_MODE = 0o644
 # istio-iptables reads these environment variables as defaults of these flags.
 ENV_FLAGS = ((ENV_DNS_CAPTURE, "--redirect-dns"), (ENV_INVALID_DROP, "--drop-invalid"))
 
-Pod = Mapping[str, Any]
 JsonPatch = list[dict[str, Any]]
 
 
@@ -98,14 +101,6 @@ class Denied:
 Mutation = Patch | Unchanged | Denied
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
 def _pointer(token: str) -> str:
     """One JSON Pointer reference token (RFC 6901)."""
     return token.replace("~", "~0").replace("/", "~1")
@@ -113,66 +108,43 @@ def _pointer(token: str) -> str:
 
 def _index_of(containers: Sequence[Any], name: str) -> int | None:
     for i, container in enumerate(containers):
-        if _mapping(container).get("name") == name:
+        if as_mapping(container).get("name") == name:
             return i
     return None
 
 
-def istio_init_args(container: Mapping[str, Any]) -> list[str]:
+def istio_init_args(container: Container) -> list[str]:
     """istio-init's arguments as one self-contained list: its args verbatim (the leading
     ``istio-iptables`` included), then the flags that istio-iptables would have taken from
     istio-init's environment, spelled out, since the annotation carries no environment."""
-    args = [a for a in _list(container.get("args")) if isinstance(a, str)]
-    env = env_of(container)
+    args = list(container.args)
     for variable, flag in ENV_FLAGS:
-        if variable in env and not any(a.startswith(flag) for a in args):
-            args.append(f"{flag}={env[variable]}")
+        if variable in container.env and not any(a.startswith(flag) for a in args):
+            args.append(f"{flag}={container.env[variable]}")
     return args
 
 
-def _with_annotations(pod: Pod, annotations: Mapping[str, str], inits: list[Any]) -> dict[str, Any]:
-    copied: dict[str, Any] = copy.deepcopy(dict(pod))
-    copied["metadata"] = {**_mapping(copied.get("metadata")), "annotations": dict(annotations)}
-    copied["spec"] = {**_mapping(copied.get("spec")), "initContainers": inits}
-    return copied
-
-
-def _before(pod: Pod) -> dict[str, Any]:
+def _before(pod: PodFacts) -> PodFacts:
     """The pod as istio-init would have seen it: any stale copy of the args annotation dropped."""
-    annotations = {k: str(v) for k, v in _mapping(_mapping(pod.get("metadata")).get("annotations")).items()}
-    annotations.pop(names.IPTABLES_ARGS, None)
-    return _with_annotations(pod, annotations, list(_list(_mapping(pod.get("spec")).get("initContainers"))))
+    annotations = {k: v for k, v in pod.annotations.items() if k != names.IPTABLES_ARGS}
+    return pod._replace(annotations=annotations)
 
 
-def _after(pod: Pod, args: Sequence[str]) -> dict[str, Any]:
+def _after(pod: PodFacts, args: Sequence[str]) -> PodFacts:
     """The pod as the agent will see it: no istio-init, its arguments in the annotation."""
-    annotations = {k: str(v) for k, v in _mapping(_mapping(pod.get("metadata")).get("annotations")).items()}
-    annotations[names.IPTABLES_ARGS] = json.dumps(list(args))
-    inits = _list(_mapping(pod.get("spec")).get("initContainers"))
-    return _with_annotations(
-        pod, annotations, [c for c in inits if _mapping(c).get("name") != INIT_CONTAINER]
-    )
+    annotations = {**pod.annotations, names.IPTABLES_ARGS: json.dumps(list(args))}
+    return pod._replace(annotations=annotations, istio_init=None)
 
 
-def _ids_of(container: Mapping[str, Any], pod: Pod) -> set[int]:
-    """The runAsUser and runAsGroup a container runs with as far as the pod says: its own
-    securityContext's, else the pod's."""
-    found = set()
-    holders = (
-        _mapping(container.get("securityContext")),
-        _mapping(_mapping(pod.get("spec")).get("securityContext")),
-    )
-    for key in ("runAsUser", "runAsGroup"):
-        value = next((h[key] for h in holders if h.get(key) is not None), None)
-        if type(value) is int and 0 <= value <= MAX_ID:
-            found.add(value)
-    return found
+def _pod_ids(pod: PodFacts) -> set[int]:
+    """The IDs of the pod's own securityContext, which a container that sets none inherits."""
+    return {i for i in (pod.run_as_user.id, pod.run_as_group.id) if i is not None}
 
 
-def _uid_range(namespace: Mapping[str, Any] | None) -> tuple[int, int] | str | None:
+def _uid_range(namespace: NamespaceFacts | None) -> tuple[int, int] | str | None:
     """OpenShift's ``openshift.io/sa.scc.uid-range`` (``START/SIZE``) as (first, last), the
     problem with it as text, or None when the namespace has none."""
-    raw = annotations_of(namespace).get(ANN_OPENSHIFT_UID_RANGE)
+    raw = None if namespace is None else namespace.annotations.get(ANN_OPENSHIFT_UID_RANGE)
     if raw is None:
         return None
     start, slash, size = raw.strip().partition("/")
@@ -184,14 +156,14 @@ def _uid_range(namespace: Mapping[str, Any] | None) -> tuple[int, int] | str | N
     return first, first + count - 1
 
 
-def _proxy_ids(spec: RedirectSpec | None, pod: Pod, namespace: Mapping[str, Any] | None) -> set[int]:
+def _proxy_ids(spec: RedirectSpec | None, pod: PodFacts, namespace: NamespaceFacts | None) -> set[int]:
     """Every UID and GID the proxy may run as, generously: the spec's, the default proxy UID, the
     IDs the proxy container has (its own, else the pod's), and OpenShift's first UID of the namespace (what a
     container without runAsUser gets there). Being generous only costs the waiter another UID."""
     taken = {DEFAULT_PROXY_UID}
     if spec is not None:
         taken |= {*spec.proxy_uids, *spec.proxy_gids}
-    taken |= _ids_of(proxy_container(pod) or {}, pod)
+    taken |= pod.proxy.ids if pod.proxy is not None else _pod_ids(pod)
     found = _uid_range(namespace)
     if isinstance(found, tuple):
         taken.add(found[0])
@@ -199,7 +171,7 @@ def _proxy_ids(spec: RedirectSpec | None, pod: Pod, namespace: Mapping[str, Any]
 
 
 def waiter_ids_for(
-    settings: WaiterSettings, pod: Pod, namespace: Mapping[str, Any] | None, taken: Collection[int]
+    settings: WaiterSettings, pod: PodFacts, namespace: NamespaceFacts | None, taken: Collection[int]
 ) -> tuple[int | None, int | None] | Denied:
     """The waiter's runAsUser and runAsGroup (None: left to the platform), never one of ``taken``.
 
@@ -230,7 +202,7 @@ def waiter_ids_for(
                 f"{ANN_OPENSHIFT_UID_RANGE} {first}-{last} has no UID besides its first and the proxy's"
             )
         return uid, uid
-    inherited = _ids_of({}, pod) & set(taken)
+    inherited = _pod_ids(pod) & set(taken)
     if inherited:
         return Denied(
             f"{names.WAITER_CONTAINER} would inherit the pod's securityContext ID "
@@ -298,7 +270,7 @@ def is_our_waiter(container: Any, expected: Mapping[str, Any], *, taken: Collect
         str(expected["image"])
     ):
         del seen["imagePullPolicy"]
-    wanted = _mapping(expected.get("securityContext"))
+    wanted = as_mapping(expected.get("securityContext"))
     security = seen.get("securityContext")
     if isinstance(security, Mapping):
         security = dict(security)
@@ -314,16 +286,16 @@ def is_our_volume(volume: Any) -> bool:
     """Is ``volume`` exactly our downward API volume, up to the API server's defaults?"""
     if not isinstance(volume, Mapping) or set(volume) != {"name", "downwardAPI"}:
         return False
-    source = _mapping(volume.get("downwardAPI"))
+    source = as_mapping(volume.get("downwardAPI"))
     if (
         set(source) - {"items", "defaultMode"}
         or source.get("defaultMode", DEFAULT_VOLUME_MODE) != DEFAULT_VOLUME_MODE
     ):
         return False
-    items = _list(source.get("items"))
+    items = as_list(source.get("items"))
     if len(items) != 1 or not isinstance(items[0], Mapping) or set(items[0]) != {"path", "fieldRef"}:
         return False
-    ref = dict(_mapping(items[0].get("fieldRef")))
+    ref = dict(as_mapping(items[0].get("fieldRef")))
     if ref.get("apiVersion") == "v1":
         del ref["apiVersion"]
     return items[0].get("path") == names.PODINFO_ANNOTATIONS and ref == {"fieldPath": "metadata.annotations"}
@@ -338,19 +310,21 @@ def podinfo_volume() -> dict[str, Any]:
     }
 
 
-def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSettings) -> Mutation:
-    """The patch for a pod being created, or why there is none."""
+def mutate_pod(pod: AnyPod, namespace: AnyNamespace, settings: WaiterSettings) -> Mutation:
+    """The patch for a pod being created, or why there is none. The facts decide; the patch's
+    paths index into the raw object's lists."""
+    pod = pod_facts(pod)
+    namespace = namespace_facts(namespace)
     decision = decide(pod, namespace, excluded_namespaces=settings.excluded_namespaces)
     if not decision.ours:
         return Unchanged(decision.reason)
-    spec_obj = _mapping(pod.get("spec"))
-    inits = _list(spec_obj.get("initContainers"))
-    istio_init = _index_of(inits, INIT_CONTAINER)
+    spec_obj = as_mapping(pod.raw.get("spec"))
+    istio_init = _index_of(as_list(spec_obj.get("initContainers")), INIT_CONTAINER)
 
     args: list[str] | None = None
     spec: RedirectSpec | None = None
-    if istio_init is not None:
-        args = istio_init_args(_mapping(inits[istio_init]))
+    if pod.istio_init is not None:
+        args = istio_init_args(pod.istio_init)
         try:
             spec = spec_from_pod(_before(pod), namespace)
         except SpecError as exc:
@@ -370,7 +344,7 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
         except SpecError:
             spec = None  # admitted: the agent reports it on the pod, and it can be fixed in place
 
-    if _index_of(_list(spec_obj.get("containers")), names.WAITER_CONTAINER) is not None:
+    if names.WAITER_CONTAINER in pod.container_names:
         return Denied(
             f"the container name {names.WAITER_CONTAINER} is reserved for the waiting init container "
             "this webhook injects; please rename the application container"
@@ -383,8 +357,8 @@ def mutate_pod(pod: Pod, namespace: Mapping[str, Any] | None, settings: WaiterSe
 
     ops: JsonPatch = []
     done: list[str] = []
-    if args is not None and istio_init is not None:
-        annotations = _mapping(pod.get("metadata")).get("annotations")
+    if args is not None:
+        annotations = as_mapping(pod.raw.get("metadata")).get("annotations")
         value = json.dumps(args)
         if isinstance(annotations, Mapping):
             ops.append(
@@ -412,7 +386,7 @@ def _init_container_ops(
         done.append(f"added {names.WAITER_CONTAINER} first")
         return [{"op": "add", "path": "/spec/initContainers", "value": [waiter]}]
     keep = bool(inits) and is_our_waiter(inits[0], waiter, taken=taken)
-    named = [i for i, c in enumerate(inits) if _mapping(c).get("name") == names.WAITER_CONTAINER]
+    named = [i for i, c in enumerate(inits) if as_mapping(c).get("name") == names.WAITER_CONTAINER]
     impostors = [i for i in named if not (keep and i == 0)]
     gone = sorted({*impostors, *([istio_init] if istio_init is not None else [])}, reverse=True)
     ops: JsonPatch = [{"op": "remove", "path": f"/spec/initContainers/{i}"} for i in gone]
@@ -430,7 +404,7 @@ def _volume_ops(volumes: Any, done: list[str]) -> JsonPatch:
     if not isinstance(volumes, list):
         done.append(f"added volume {names.PODINFO_VOLUME}")
         return [{"op": "add", "path": "/spec/volumes", "value": [podinfo_volume()]}]
-    named = [i for i, v in enumerate(volumes) if _mapping(v).get("name") == names.PODINFO_VOLUME]
+    named = [i for i, v in enumerate(volumes) if as_mapping(v).get("name") == names.PODINFO_VOLUME]
     keep = next((i for i in named if is_our_volume(volumes[i])), None)
     ops: JsonPatch = [
         {"op": "remove", "path": f"/spec/volumes/{i}"} for i in sorted(named, reverse=True) if i != keep

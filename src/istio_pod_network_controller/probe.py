@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from . import names
+from .podfacts import AnyPod, is_id, pod_facts
 
 if TYPE_CHECKING:
     from .spec import RedirectSpec
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 # capture them whenever they capture "everything outside the cluster".
 VERIFY_ADDRESSES = ("192.0.2.1", "198.51.100.1", "203.0.113.1")
 VERIFY_PORTS = (80, 8080, 443)
-MAX_ID = 2**32 - 2  # (uid_t)-1 is "no user"
 
 # The keys of the plan in the agent's detail annotation.
 VERIFY_KEY = "verify"
@@ -126,23 +125,7 @@ def probe_plan(spec: RedirectSpec, *, uid: int | None, gid: int | None) -> dict[
 # -- the waiter's IDs as the pod spec gives them ---------------------------------------------
 
 
-def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _an_id(value: Any) -> bool:
-    return type(value) is int and 0 <= value <= MAX_ID
-
-
-def waiter_container(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    inits = _mapping(pod.get("spec")).get("initContainers")
-    for container in inits if isinstance(inits, list) else []:
-        if _mapping(container).get("name") == names.WAITER_CONTAINER:
-            return _mapping(container)
-    return None
-
-
-def waiter_ids(pod: Mapping[str, Any]) -> tuple[int | None, int | None]:
+def waiter_ids(pod: AnyPod) -> tuple[int | None, int | None]:
     """The waiter's runAsUser and runAsGroup: its container's securityContext, else the pod's.
 
     None where neither says, or the value is not a valid ID. For runAsGroup that is deliberate:
@@ -151,22 +134,10 @@ def waiter_ids(pod: Mapping[str, Any]) -> tuple[int | None, int | None]:
     image, so it does not guess. The webhook sets both, so this only happens to a waiter whose
     IDs the platform picks, or to a pod that did not go through the webhook.
     """
-    waiter = waiter_container(pod)
+    waiter = pod_facts(pod).waiter
     if waiter is None:
         return None, None
-    holders = (
-        _mapping(waiter.get("securityContext")),
-        _mapping(_mapping(pod.get("spec")).get("securityContext")),
-    )
-
-    def first(key: str) -> int | None:
-        for holder in holders:
-            if key in holder and holder[key] is not None:
-                value = holder[key]
-                return value if _an_id(value) else None
-        return None
-
-    return first("runAsUser"), first("runAsGroup")
+    return waiter.run_as_user.id, waiter.run_as_group.id
 
 
 # -- reading a plan back (the waiter) --------------------------------------------------------
@@ -197,7 +168,7 @@ def read_plan(value: Any) -> VerifyPlan:
     ids: list[int | None] = []
     for key in (UID, GID):
         found = value.get(key)
-        if found is not None and not _an_id(found):
+        if found is not None and not is_id(found):
             raise PlanError(f"{key} is not a UID/GID or null")
         ids.append(found)
     uid, gid = ids

@@ -57,7 +57,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -68,6 +68,7 @@ from .bounded import MAX_JSON_DEPTH, BoundedJsonError, loads_bounded
 from .decide import decide
 from .inject import Denied, Patch, Unchanged, WaiterSettings, mutate_pod
 from .names import OPT_IN, OPT_IN_VALUE
+from .podfacts import NamespaceFacts, PodFacts, namespace_facts, pod_facts
 
 log = logging.getLogger("istio_pod_network_controller.webhook")
 
@@ -156,6 +157,12 @@ class AdmissionRequest:
     namespace: str
     dry_run: bool
     object: Mapping[str, Any] | None
+    # The object's facts, read once for the review (which may be answered twice: before and after
+    # its namespace is read).
+    pod: PodFacts = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pod", pod_facts(self.object))
 
     @property
     def is_pod_creation(self) -> bool:
@@ -378,9 +385,9 @@ class NeedNamespace:
     name: str
 
 
-def _namespace_could_opt_in(pod: Mapping[str, Any], name: str, settings: WaiterSettings) -> bool:
+def _namespace_could_opt_in(pod: PodFacts, name: str, settings: WaiterSettings) -> bool:
     """Whether the namespace's opt-in would make this pod ours (if not, no lookup is needed)."""
-    opted = {"metadata": {"name": name, "annotations": {OPT_IN: OPT_IN_VALUE}}}
+    opted = NamespaceFacts(name, annotations={OPT_IN: OPT_IN_VALUE})
     return decide(pod, opted, excluded_namespaces=settings.excluded_namespaces).ours
 
 
@@ -395,21 +402,19 @@ def _is_namespace_name(name: str) -> bool:
 
 
 def answer_review(
-    request: AdmissionRequest, settings: WaiterSettings, namespace: Mapping[str, Any] | None
+    request: AdmissionRequest, settings: WaiterSettings, namespace: NamespaceFacts | None
 ) -> Answer | NeedNamespace:
     """The answer to a parsed review (pure and CPU-bound). ``namespace`` None: not read yet, and
-    NeedNamespace when it matters; otherwise the Namespace object (or ``{"metadata": {"name"}}``
-    for one that does not exist)."""
+    NeedNamespace when it matters; otherwise the Namespace (its name only for one that does not
+    exist)."""
     if not request.is_pod_creation:
         return Answer(200, review_response(request.uid))
     if request.dry_run:
         return Answer(200, review_response(request.uid))
-    pod = request.object or {}
-    metadata = pod.get("metadata") if isinstance(pod.get("metadata"), dict) else {}
-    assert isinstance(metadata, dict)
-    ns_name = request.namespace or str(metadata.get("namespace") or "")
+    pod = request.pod
+    ns_name = request.namespace or pod.namespace
     if namespace is None:
-        namespace = {"metadata": {"name": ns_name}}
+        namespace = NamespaceFacts(ns_name)
         if not decide(pod, namespace, excluded_namespaces=settings.excluded_namespaces).ours and (
             _namespace_could_opt_in(pod, ns_name, settings)
         ):
@@ -418,7 +423,7 @@ def answer_review(
                 log.warning("bad request", extra={"status": 400, "error": message})
                 return Answer(400, message + "\n")
             return NeedNamespace(ns_name)
-    pod_name = str(metadata.get("name") or metadata.get("generateName") or "")
+    pod_name = pod.name or pod.generate_name
     fields = {"pod": f"{ns_name}/{pod_name}"[:300], "uid": request.uid[:80]}
     mutation = mutate_pod(pod, namespace, settings)
     if isinstance(mutation, Patch):
@@ -432,10 +437,10 @@ def answer_review(
     return Answer(200, review_response(request.uid))
 
 
-async def lookup_namespace(namespaces: Namespaces, name: str) -> Mapping[str, Any] | Answer:
+async def lookup_namespace(namespaces: Namespaces, name: str) -> NamespaceFacts | Answer:
     """The Namespace, or the 500 that lets the failure policy decide when it cannot be read."""
     try:
-        return await namespaces.get(name) or {"metadata": {"name": name}}
+        return namespace_facts(await namespaces.get(name)) or NamespaceFacts(name)
     except NamespaceLookupError as exc:
         log.error("namespace lookup failed", extra={"namespace": name, "error": str(exc)})
         return Answer(500, f"{exc}\n")
@@ -459,12 +464,14 @@ def review_reply(
     body: bytes,
     content_type: str,
     settings: WaiterSettings,
-    namespace: Mapping[str, Any] | None,
+    namespace: NamespaceFacts | None,
     *,
     max_bytes: int = MAX_REVIEW_BYTES,
 ) -> Reply | NeedNamespace:
     """Body bytes to reply bytes: what the server's worker thread runs. A bad body is one log line
-    and its 4xx."""
+    and its 4xx. A review whose answer needs its namespace is decoded again once that is read,
+    rather than kept: the worker then holds one decoded review at a time, whatever the number of
+    lookups in flight."""
     try:
         request = parse_review(body, content_type, max_bytes=max_bytes)
     except BadReview as exc:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from istio_pod_network_controller import cli, names
+from istio_pod_network_controller import cli, names, podfacts
 from istio_pod_network_controller.observe import Metrics
 from istio_pod_network_controller.spec import pod as pod_spec
 from istio_pod_network_controller.spec.flags import FLAGS
@@ -222,8 +222,10 @@ def test_every_chart_value_is_documented() -> None:
 def test_every_annotation_label_and_name_is_documented() -> None:
     text = section(CONFIGURATION.read_text(), NAMES_SECTION)
     wanted = {f"names.{k}": v for k, v in constants(names).items()}
-    read_from_pods = constants(pod_spec, ("ANN_", "ENV_", "PROXY_CONTAINER", "INIT_CONTAINER"))
+    read_from_pods = constants(pod_spec, ("ANN_", "ENV_"))
     wanted |= {f"spec.pod.{k}": v for k, v in read_from_pods.items()}
+    containers = constants(podfacts, ("PROXY_CONTAINER", "INIT_CONTAINER"))
+    wanted |= {f"podfacts.{k}": v for k, v in containers.items()}
     missing = sorted(f"{value!r} ({key})" for key, value in wanted.items() if not mentions(text, value))
     assert not missing, (
         f"{CONFIGURATION.relative_to(ROOT)}, section {NAMES_SECTION!r}, does not document: "

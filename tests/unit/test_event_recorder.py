@@ -283,7 +283,9 @@ def test_recorder_bounds_must_be_positive() -> None:
 def test_a_detail_nested_past_the_bound_reads_as_no_detail() -> None:
     from istio_pod_network_controller import names as n
     from istio_pod_network_controller.cluster.report import read_detail
+    from istio_pod_network_controller.podfacts import pod_facts
 
     deep = "[" * 100_000 + "]" * 100_000
-    assert read_detail({"metadata": {"annotations": {n.DETAIL: deep}}}) == {}
-    assert read_detail({"metadata": {"annotations": {n.DETAIL: '{"netnsInode": 5}'}}}) == {"netnsInode": 5}
+    assert read_detail(pod_facts({"metadata": {"annotations": {n.DETAIL: deep}}})) == {}
+    detail = pod_facts({"metadata": {"annotations": {n.DETAIL: '{"netnsInode": 5}'}}})
+    assert read_detail(detail) == {"netnsInode": 5}

@@ -23,6 +23,7 @@ from typing import Any, Literal, Protocol
 
 from .. import names
 from ..bounded import BoundedJsonError, loads_bounded
+from ..podfacts import PodFacts, as_mapping
 from .api import Api, ApiError
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,8 @@ class PodRef:
     resource_version: str = ""
 
     @classmethod
-    def of(cls, pod: Mapping[str, Any]) -> PodRef:
-        meta = pod["metadata"]
-        return cls(
-            meta.get("namespace", "default"), meta["name"], meta["uid"], meta.get("resourceVersion", "")
-        )
+    def of(cls, pod: PodFacts) -> PodRef:
+        return cls(pod.namespace or "default", pod.name, pod.uid, pod.resource_version)
 
     @property
     def path(self) -> str:
@@ -116,9 +114,9 @@ def event_series_patch(*, count: int, last: str) -> dict[str, Any]:
     return {"count": count, "lastTimestamp": last}
 
 
-def read_detail(pod: Mapping[str, Any]) -> dict[str, Any]:
-    raw = (pod.get("metadata", {}).get("annotations") or {}).get(names.DETAIL)
-    if not isinstance(raw, str):
+def read_detail(pod: PodFacts) -> dict[str, Any]:
+    raw = pod.annotations.get(names.DETAIL)
+    if raw is None:
         return {}
     try:
         detail = loads_bounded(raw, max_bytes=names.MAX_DETAIL_BYTES, what=names.DETAIL)
@@ -127,9 +125,8 @@ def read_detail(pod: Mapping[str, Any]) -> dict[str, Any]:
     return detail if isinstance(detail, dict) else {}
 
 
-def read_status(pod: Mapping[str, Any]) -> str | None:
-    value = (pod.get("metadata", {}).get("annotations") or {}).get(names.STATUS)
-    return value if isinstance(value, str) else None
+def read_status(pod: PodFacts) -> str | None:
+    return pod.annotations.get(names.STATUS)
 
 
 class PodGone(Exception):
@@ -351,7 +348,7 @@ class EventRecorder:
         )
         async with asyncio.timeout(self.write_timeout):
             created = await self.api.create(f"/api/v1/namespaces/{key.namespace}/events", body)
-        name = (created.get("metadata") or {}).get("name") if isinstance(created, dict) else None
+        name = as_mapping(as_mapping(created).get("metadata")).get("name")
         if not isinstance(name, str) or not name:
             self._series.pop(key, None)
             return

@@ -10,8 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from ..cli import EXIT_FAILURE, EXIT_OK, PROG
 from ..node import locate
@@ -19,6 +18,7 @@ from ..node.apply import Applier
 from ..node.backend import Backend, detect
 from ..node.errors import LocateError, NodeError
 from ..node.netns import Netns
+from ..podfacts import pod_facts
 from ..render import Ruleset, render
 from ..spec import OutOfScope, RedirectSpec, SpecError
 from ..spec.flags import add_redirect_flags, check_arg_count
@@ -74,15 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pod_ips(pod: Mapping[str, Any]) -> list[str]:
-    status = pod.get("status")
-    if not isinstance(status, Mapping):
-        return []
-    found = [e.get("ip") for e in status.get("podIPs") or () if isinstance(e, Mapping)]
-    found.append(status.get("podIP"))
-    return list(dict.fromkeys(ip for ip in found if isinstance(ip, str) and ip))
-
-
 def parse(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
     """Our own flags, then the spec: istio-iptables flags (shared with `rules`) or --pod."""
     check_arg_count("command line", argv)  # before argparse, whose cost is quadratic in it
@@ -90,14 +81,13 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
     if args.pod:
         if rest:
             raise SpecError(rest[0], rest[0], "give either istio-iptables flags or --pod, not both")
-        pod = load_pod(args.pod)
+        pod = pod_facts(load_pod(args.pod))
         namespace = load_object(args.namespace) if args.namespace else None
         spec = spec_for_manifest(pod, namespace)
         if not args.pod_ip:
-            args.pod_ip = _pod_ips(pod)
-        uid = (pod.get("metadata") or {}).get("uid")
-        if not (args.netns or args.pid or args.pod_uid) and isinstance(uid, str):
-            args.pod_uid = uid
+            args.pod_ip = list(pod.ips)
+        if not (args.netns or args.pid or args.pod_uid) and pod.uid:
+            args.pod_uid = pod.uid
     else:
         if args.namespace:
             raise SpecError("--namespace", args.namespace, "--namespace goes with --pod")

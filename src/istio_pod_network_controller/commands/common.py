@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 from ..cli import EXIT_INVALID, EXIT_OUT_OF_SCOPE, PROG
 from ..decide import scope_problem
+from ..podfacts import AnyNamespace, AnyPod, namespace_facts, pod_facts
 from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
 from ..spec.manifest import ManifestError
-from ..spec.pod import TRAFFIC_ANNOTATIONS, annotations_of
+from ..spec.pod import TRAFFIC_ANNOTATIONS
 
 SpecProblem = OutOfScope | SpecError | ManifestError
 
@@ -32,15 +32,15 @@ def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
-def spec_for_manifest(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None) -> RedirectSpec:
+def spec_for_manifest(pod: AnyPod, namespace: AnyNamespace) -> RedirectSpec:
     """The spec of a pod given as a file (`rules --pod`, `apply --pod`); OutOfScope with the
     agent's own reason for a pod it would never program. Traffic annotations are checked even
     then: a wrong value is worth saying before "not ours"."""
+    pod, namespace = pod_facts(pod), namespace_facts(namespace)
     problem = scope_problem(pod)
     if problem is None:
         return spec_from_pod(pod, namespace)
-    host_network = (pod.get("spec") or {}).get("hostNetwork") is True
-    if not host_network and any(a in annotations_of(pod) for a in TRAFFIC_ANNOTATIONS):
+    if not pod.host_network and any(a in pod.annotations for a in TRAFFIC_ANNOTATIONS):
         spec_from_pod(pod, namespace)
     raise OutOfScope(problem)
 

@@ -13,11 +13,22 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import itertools
 from collections.abc import Mapping, Sequence
-from typing import Any
 
+from .. import names
 from ..bounded import BoundedJsonError, loads_bounded, utf8_size
+from ..podfacts import (
+    MAX_ID,
+    PROXY_CONTAINER,
+    AnyNamespace,
+    AnyPod,
+    Container,
+    NamespaceFacts,
+    PodFacts,
+    RunAs,
+    namespace_facts,
+    pod_facts,
+)
 from . import values as v
 from .errors import SpecError, check_limit
 from .flags import check_arg_count, owner_groups_from, parse_flags
@@ -28,11 +39,9 @@ from .limits import (
 )
 from .model import DEFAULT_PROXY_UID, InterceptionMode, RedirectSpec
 
-PROXY_CONTAINER = "istio-proxy"
-INIT_CONTAINER = "istio-init"
 ISTIO_IPTABLES = "istio-iptables"
 
-ANN_IPTABLES_ARGS = "pod-network-controller.istio.io/iptables-args"
+ANN_IPTABLES_ARGS = names.IPTABLES_ARGS
 ANN_INTERCEPTION_MODE = "sidecar.istio.io/interceptionMode"
 ANN_INCLUDE_CIDRS = "traffic.sidecar.istio.io/includeOutboundIPRanges"
 ANN_EXCLUDE_CIDRS = "traffic.sidecar.istio.io/excludeOutboundIPRanges"
@@ -68,103 +77,41 @@ TRAFFIC_ANNOTATIONS = (
     ANN_REROUTE_VIRTUAL_INTERFACES,
 )
 
-Obj = Mapping[str, Any]
 
-
-def _mapping(value: Any) -> Obj:
-    return value if isinstance(value, Mapping) else {}
-
-
-def _list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else []
-
-
-def annotations_of(obj: Obj | None) -> dict[str, str]:
-    raw = _mapping(_mapping(obj).get("metadata")).get("annotations")
-    return {str(k): str(val) for k, val in _mapping(raw).items()}
-
-
-def proxy_container(pod: Obj) -> Obj | None:
-    """The Istio proxy: a container named istio-proxy, or a native sidecar (an init container
-    with restartPolicy Always) of that name."""
-    spec = _mapping(pod.get("spec"))
-    for container in _list(spec.get("containers")):
-        if _mapping(container).get("name") == PROXY_CONTAINER:
-            return _mapping(container)
-    for container in _list(spec.get("initContainers")):
-        c = _mapping(container)
-        if c.get("name") == PROXY_CONTAINER and c.get("restartPolicy") == "Always":
-            return c
-    return None
-
-
-def istio_init_container(pod: Obj) -> Obj | None:
-    for container in _list(_mapping(pod.get("spec")).get("initContainers")):
-        c = _mapping(container)
-        if c.get("name") == INIT_CONTAINER:
-            return c
-    return None
-
-
-def env_of(container: Obj) -> dict[str, str]:
-    """Literal env values (valueFrom entries cannot be resolved here and are skipped)."""
-    out: dict[str, str] = {}
-    for item in _list(container.get("env")):
-        entry = _mapping(item)
-        if isinstance(entry.get("name"), str) and isinstance(entry.get("value"), str):
-            out[entry["name"]] = entry["value"]
-    return out
-
-
-def pod_has_ipv6(pod: Obj) -> bool:
-    status = _mapping(pod.get("status"))
-    ips = [_mapping(item).get("ip") for item in _list(status.get("podIPs"))]
-    ips.append(status.get("podIP"))
-    for ip in ips:
-        if isinstance(ip, str):
-            try:
-                if ipaddress.ip_address(ip).version == 6:
-                    return True
-            except ValueError:
-                continue
-    return False
-
-
-def proxy_type(proxy: Obj) -> str:
-    """The proxy's type as Istio's CNI plugin reads it: the word after ``proxy`` in the
-    container's args (``sidecar``, or ``router`` for gateways); empty when the args do not say."""
-    args = [a for a in _list(proxy.get("args")) if isinstance(a, str)]
-    for word, following in itertools.pairwise(args):
-        if word == "proxy":
-            return following
-    return ""
-
-
-def envoy_disabled(proxy: Obj) -> bool:
+def envoy_disabled(proxy: Container) -> bool:
     """``DISABLE_ENVOY`` set true on the proxy (proxyless gRPC): no Envoy, nothing to redirect to."""
-    value = env_of(proxy).get(ENV_DISABLE_ENVOY, "")
+    value = proxy.env.get(ENV_DISABLE_ENVOY, "")
     try:
         return v.parse_bool(ENV_DISABLE_ENVOY, value) if value.strip() else False
     except SpecError:
         return False  # as Istio's CNI plugin, which ignores a value it cannot parse
 
 
-def spec_from_pod(pod: Obj, namespace: Obj | None = None) -> RedirectSpec:
-    """Pod manifest -> spec, for a pod in scope (``decide.scope_problem`` says which are).
-    Raises SpecError naming the annotation or flag."""
-    annotations = annotations_of(pod)
-    proxy = proxy_container(pod) or {}
-    ipv6 = pod_has_ipv6(pod)
+def _has_ipv6(ips: Sequence[str]) -> bool:
+    for ip in ips:
+        try:
+            if ipaddress.ip_address(ip).version == 6:
+                return True
+        except ValueError:
+            continue
+    return False
 
+
+def spec_from_pod(pod: AnyPod, namespace: AnyNamespace = None) -> RedirectSpec:
+    """Pod -> spec, for a pod in scope (``decide.scope_problem`` says which are).
+    Raises SpecError naming the annotation or flag."""
+    facts = pod_facts(pod)
+    ns = namespace_facts(namespace)
+    annotations = facts.annotations
     if ANN_IPTABLES_ARGS in annotations:
         args = _args_from_annotation(annotations[ANN_IPTABLES_ARGS])
         spec = _from_istio_iptables_args(args, where=f"annotation {ANN_IPTABLES_ARGS}", env={})
-    elif (init := istio_init_container(pod)) is not None:
-        args = [a for a in _list(init.get("args")) if isinstance(a, str)]
-        spec = _from_istio_iptables_args(args, where="istio-init args", env=env_of(init))
+    elif facts.istio_init is not None:
+        init = facts.istio_init
+        spec = _from_istio_iptables_args(init.args, where="istio-init args", env=init.env)
     else:
-        spec = _from_cni_semantics(pod, proxy, annotations, namespace)
-    if ipv6 and not spec.ipv6:
+        spec = _from_cni_semantics(facts, ns)
+    if not spec.ipv6 and _has_ipv6(facts.ips):
         spec = dataclasses.replace(spec, ipv6=True)
     return spec
 
@@ -211,31 +158,33 @@ def _from_istio_iptables_args(args: Sequence[str], *, where: str, env: Mapping[s
     return spec
 
 
-def _proxy_id(proxy: Obj, pod: Obj, key: str) -> int | None:
-    """The proxy container's runAsUser/runAsGroup, else the pod's; validated like any input."""
-    for where, holder in ((f"{PROXY_CONTAINER} securityContext.{key}", proxy),
-                          (f"pod securityContext.{key}", _mapping(pod.get("spec")))):  # fmt: skip
-        value = _mapping(holder.get("securityContext")).get(key)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= v.MAX_ID:
-            raise SpecError(where, value, f"must be a whole number from 0 to {v.MAX_ID}")
-        return value
-    return None
+def _proxy_id(run_as: RunAs, key: str) -> int | None:
+    """The proxy's runAsUser/runAsGroup (its container's, else the pod's), validated like any
+    input: a value that is not an ID is an error, never a silent default."""
+    if run_as.value is None:
+        return None
+    if run_as.id is None:
+        where = "pod" if run_as.from_pod else PROXY_CONTAINER
+        raise SpecError(
+            f"{where} securityContext.{key}", run_as.value, f"must be a whole number from 0 to {MAX_ID}"
+        )
+    return run_as.id
 
 
-def _openshift_uid_range_start(namespace: Obj | None) -> int | None:
+def _openshift_uid_range_start(namespace: NamespaceFacts | None) -> int | None:
     """OpenShift's restricted SCCs run a container without runAsUser as the first UID of the
     namespace's range (``openshift.io/sa.scc.uid-range: 1000620000/10000``)."""
-    raw = annotations_of(namespace).get(ANN_OPENSHIFT_UID_RANGE)
+    raw = None if namespace is None else namespace.annotations.get(ANN_OPENSHIFT_UID_RANGE)
     if raw is None:
         return None
     check_limit(ANN_OPENSHIFT_UID_RANGE, utf8_size(raw), "bytes", MAX_ANNOTATION_VALUE_BYTES)
     start, _, _ = raw.partition("/")
-    return v.parse_int(ANN_OPENSHIFT_UID_RANGE, start, low=1, high=v.MAX_ID, what="a UID")
+    return v.parse_int(ANN_OPENSHIFT_UID_RANGE, start, low=1, high=MAX_ID, what="a UID")
 
 
-def _from_cni_semantics(pod: Obj, proxy: Obj, ann: Mapping[str, str], namespace: Obj | None) -> RedirectSpec:
+def _from_cni_semantics(pod: PodFacts, namespace: NamespaceFacts | None) -> RedirectSpec:
+    ann = pod.annotations
+
     def get(key: str, default: str) -> str:
         value = ann.get(key, default)
         check_limit(key, utf8_size(value), "bytes", MAX_ANNOTATION_VALUE_BYTES)
@@ -247,10 +196,12 @@ def _from_cni_semantics(pod: Obj, proxy: Obj, ann: Mapping[str, str], namespace:
     except ValueError:
         raise SpecError(ANN_INTERCEPTION_MODE, mode_text, "interception mode is REDIRECT or TPROXY") from None
 
-    uid = _proxy_id(proxy, pod, "runAsUser")
+    # Out of scope pods have no proxy (``rules --pod`` still checks their annotations): the pod's IDs.
+    runs_as = pod.proxy or pod
+    uid = _proxy_id(runs_as.run_as_user, "runAsUser")
     if uid is None:
         uid = _openshift_uid_range_start(namespace)
-    gid = _proxy_id(proxy, pod, "runAsGroup")
+    gid = _proxy_id(runs_as.run_as_group, "runAsGroup")
     proxy_uid = uid if uid else DEFAULT_PROXY_UID  # 0 or unset: the default proxy UID
     proxy_gid = gid if gid else DEFAULT_PROXY_UID
 
@@ -262,7 +213,7 @@ def _from_cni_semantics(pod: Obj, proxy: Obj, ann: Mapping[str, str], namespace:
     else:
         virtual = v.parse_interfaces(ANN_KUBEVIRT_INTERFACES, get(ANN_KUBEVIRT_INTERFACES, ""))
 
-    env = env_of(proxy)
+    env = pod.proxy.env if pod.proxy is not None else {}
     dns = (
         v.parse_bool(f"{PROXY_CONTAINER} env {ENV_DNS_CAPTURE}", env[ENV_DNS_CAPTURE])
         if ENV_DNS_CAPTURE in env

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from ..podfacts import MAX_ID
 from .errors import SpecError, check_limit
 from .limits import MAX_LIST_ITEMS
 
@@ -23,7 +24,6 @@ _INTERFACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.-]*")
 _GROUP_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _ADDRESS_CHARS = re.compile(r"[0-9a-fA-F:.]+")
 MAX_INTERFACE_LEN = 15
-MAX_ID = 2**32 - 2  # (uid_t)-1 is "no user"
 WILDCARD = "*"
 
 
