@@ -161,7 +161,13 @@ def render(spec: RedirectSpec) -> Ruleset:
     return Ruleset(
         v4=FamilyRules.of(b.v4),
         v6=FamilyRules.of(b.v6),
-        tproxy=TproxyRoute(spec.tproxy_mark, spec.tproxy_route_table) if tproxy else None,
+        # As istio-iptables: the policy route only when some inbound port is captured (nothing
+        # else is marked for it).
+        tproxy=(
+            TproxyRoute(spec.tproxy_mark, spec.tproxy_route_table)
+            if tproxy and not spec.inbound_ports.empty
+            else None
+        ),
         ipv6_passthrough_address=spec.ipv6,
     )
 
