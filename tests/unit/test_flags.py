@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-from typing import NoReturn
-
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from istio_pod_network_controller.commands.common import Parser, UsageError
 from istio_pod_network_controller.spec import InterceptionMode, SpecError, parse_flags
 from istio_pod_network_controller.spec.argv import read_options
 from istio_pod_network_controller.spec.errors import LimitError
@@ -71,18 +69,13 @@ def test_reserved_route_table_is_rejected() -> None:
 # -- the linear reader means what argparse means -------------------------------------------------
 
 
-class _RaisingParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise SpecError("arguments", "", message)
-
-
 def _argparse_reading(argv: list[str]) -> tuple[dict[str, object], list[str]] | str:
-    parser = _RaisingParser(prog="istio-iptables", add_help=False, allow_abbrev=False)
+    parser = Parser(prog="istio-iptables", add_help=False, allow_abbrev=False)
     add_redirect_flags(parser)
     try:
         namespace, extras = parser.parse_known_args(argv)
-    except SpecError as exc:
-        return str(exc)
+    except UsageError as exc:
+        return str(SpecError("arguments", "", str(exc)))  # how the linear reader words it
     # argparse drops an attached "--" ("--envoy-port=--" stores []); the reader keeps what was
     # written. Either way the value is then refused, so this is the one difference allowed.
     values = {k: "--" if v == [] else v for k, v in vars(namespace).items() if v is not None}

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from istio_pod_network_controller.cli import main
-from istio_pod_network_controller.commands.common import spec_for_manifest
+from istio_pod_network_controller.commands.rules import spec_for_manifest
 from istio_pod_network_controller.render import render
 from istio_pod_network_controller.spec import OutOfScope, parse_flags, spec_from_pod
 from istio_pod_network_controller.spec.manifest import load_pod

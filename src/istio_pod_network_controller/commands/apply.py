@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import NoReturn
 
 from ..cli import EXIT_FAILURE, EXIT_OK, PROG
 from ..node import locate
@@ -18,18 +17,12 @@ from ..node.apply import Applier
 from ..node.backend import Backend, detect
 from ..node.errors import LocateError, NodeError
 from ..node.netns import Netns
-from ..podfacts import pod_facts
 from ..render import Ruleset, render
 from ..spec import OutOfScope, RedirectSpec, SpecError
 from ..spec.flags import add_redirect_flags, check_arg_count
-from ..spec.manifest import ManifestError, load_object, load_pod
-from .common import spec_for_manifest, spec_problem
-from .rules import spec_from_cli
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise SpecError("arguments", "", message)
+from ..spec.manifest import ManifestError
+from .common import Parser, UsageError, wants_help
+from .rules import add_manifest_flags, manifest_spec, report, spec_from_cli
 
 
 def _own_flags(parser: argparse.ArgumentParser) -> None:
@@ -50,14 +43,11 @@ def _own_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backend", choices=("auto", "nft", "legacy"), default="auto", help="iptables backend"
     )
-    parser.add_argument(
-        "--pod", metavar="FILE", help="a Pod or workload manifest (JSON or YAML; - for stdin)"
-    )
-    parser.add_argument("--namespace", metavar="FILE", help="the pod's Namespace object (with --pod)")
+    add_manifest_flags(parser)
 
 
 def own_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=f"{PROG} apply", add_help=False, allow_abbrev=False)
+    parser = Parser(prog=f"{PROG} apply", add_help=False, allow_abbrev=False)
     _own_flags(parser)
     return parser
 
@@ -81,9 +71,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
     if args.pod:
         if rest:
             raise SpecError(rest[0], rest[0], "give either istio-iptables flags or --pod, not both")
-        pod = pod_facts(load_pod(args.pod))
-        namespace = load_object(args.namespace) if args.namespace else None
-        spec = spec_for_manifest(pod, namespace)
+        pod, spec = manifest_spec(args)
         if not args.pod_ip:
             args.pod_ip = list(pod.ips)
         if not (args.netns or args.pid or args.pod_uid) and pod.uid:
@@ -124,13 +112,13 @@ def run(args: argparse.Namespace, ruleset: Ruleset) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
+    if wants_help(argv):
         build_parser().print_help()
         return EXIT_OK
     try:
         args, spec = parse(argv)
-    except (OutOfScope, SpecError, ManifestError) as exc:
-        return spec_problem("apply", exc)
+    except (OutOfScope, SpecError, ManifestError, UsageError) as exc:
+        return report("apply", exc)
     try:
         summary = run(args, render(spec))
     except NodeError as exc:

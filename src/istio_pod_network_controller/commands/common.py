@@ -1,54 +1,101 @@
-"""Pieces more than one subcommand's command line needs: number arguments, and turning a bad
-spec into the one-line message and exit status every command gives for it."""
+"""The command-line plumbing every subcommand shares: a parser that raises instead of exiting, the
+types of its number arguments, the one-line error, and the namespaces never touched.
+
+Kept free of the agent and the spec layer: ``init``, which runs in every meshed pod, imports it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-from ..cli import EXIT_INVALID, EXIT_OUT_OF_SCOPE, PROG
-from ..decide import scope_problem
-from ..podfacts import AnyNamespace, AnyPod, namespace_facts, pod_facts
-from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
-from ..spec.manifest import ManifestError
-from ..spec.pod import TRAFFIC_ANNOTATIONS
+from ..cli import EXIT_INVALID, PROG
 
-SpecProblem = OutOfScope | SpecError | ManifestError
+# Larger is a typo, not a wish (and would overflow the event loop's timers).
+MAX_SECONDS = 1e9
+MAX_COUNT = 2**31 - 1
+
+
+class UsageError(Exception):
+    """A command line argparse refuses; the message is argparse's, one line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UsageError instead of printing its usage and exiting, so
+    that every subcommand reports a bad command line as its own one line with exit status 2, and
+    ``main(argv)`` can be called in process."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    """``-h``/``--help`` anywhere: the caller prints its help and returns 0 (argparse would exit)."""
+    return any(a in ("-h", "--help") for a in argv)
+
+
+def fail(command: str, problem: object, code: int = EXIT_INVALID) -> int:
+    """Print ``PROG COMMAND: PROBLEM`` on stderr and return ``code``: how every subcommand says
+    why it cannot go on."""
+    print(f"{PROG} {command}: {problem}", file=sys.stderr)
+    return code
+
+
+# -- argument types (argparse names the flag in front of the message) ---------------------------
+
+
+def seconds(text: str) -> float:
+    """A number of seconds, 0 included."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 <= value < MAX_SECONDS:  # NaN included
+        raise argparse.ArgumentTypeError(f"not a number of seconds from 0 to {MAX_SECONDS:g}: {text!r}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A number of seconds greater than 0."""
+    value = seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
+    return value
+
+
+def count(text: str) -> int:
+    """A whole number greater than 0."""
+    if not (text.isascii() and text.isdigit() and 0 < int(text) <= MAX_COUNT):
+        raise argparse.ArgumentTypeError(f"a whole number above 0: {text!r}")
+    return int(text)
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 included (any free one)."""
+    if not (text.isascii() and text.isdigit() and int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}")
+    return int(text)
 
 
 def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """An argparse ``type``: a number greater than 0 (argparse names the flag in its message)."""
-
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be more than 0: {text!r}")
-        return value
-
-    return parse
+    """``count`` for int, ``positive_seconds`` for float: the name the development package's
+    ``demo`` still imports."""
+    return count if kind is int else positive_seconds
 
 
-def spec_for_manifest(pod: AnyPod, namespace: AnyNamespace) -> RedirectSpec:
-    """The spec of a pod given as a file (`rules --pod`, `apply --pod`); OutOfScope with the
-    agent's own reason for a pod it would never program. Traffic annotations are checked even
-    then: a wrong value is worth saying before "not ours"."""
-    pod, namespace = pod_facts(pod), namespace_facts(namespace)
-    problem = scope_problem(pod)
-    if problem is None:
-        return spec_from_pod(pod, namespace)
-    if not pod.host_network and any(a in pod.annotations for a in TRAFFIC_ANNOTATIONS):
-        spec_from_pod(pod, namespace)
-    raise OutOfScope(problem)
+# -- settings more than one subcommand takes -----------------------------------------------------
 
 
-def spec_problem(command: str, exc: SpecProblem) -> int:
-    """Print why there is no spec, in one line, and return the exit status for it."""
-    if isinstance(exc, OutOfScope):
-        print(f"{PROG} {command}: out of scope: {exc.reason}", file=sys.stderr)
-        return EXIT_OUT_OF_SCOPE
-    print(f"{PROG} {command}: {exc}", file=sys.stderr)
-    return EXIT_INVALID
+def excluded_namespaces(listed: str) -> tuple[str, ...]:
+    """The namespaces never touched: kube-system, the comma list ``listed`` (a flag's value), and
+    the controller's own (``POD_NAMESPACE``, from the downward API). The agent and the webhook
+    must be given the same list."""
+    from ..decide import DEFAULT_EXCLUDED_NAMESPACES  # not at import: ``init`` loads this module
+
+    names = [*DEFAULT_EXCLUDED_NAMESPACES, *(n.strip() for n in listed.split(",") if n.strip())]
+    if os.environ.get("POD_NAMESPACE"):
+        names.append(os.environ["POD_NAMESPACE"])
+    return tuple(dict.fromkeys(names))

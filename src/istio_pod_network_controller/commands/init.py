@@ -12,33 +12,15 @@ import argparse
 import sys
 
 from .. import names
-from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, PROG
+from ..cli import EXIT_FAILURE, EXIT_OK, PROG
 from ..waiter import DEFAULT_TIMEOUT, DEFAULT_VERIFY_TIMEOUT, Options, run
+from .common import Parser, UsageError, fail, positive_seconds, wants_help
 
 PREFIX = f"{PROG} {names.WAITER_SUBCOMMAND}"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < 1e9:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog=PREFIX,
         description=(
             "Wait until the node agent has programmed this pod's network namespace "
@@ -55,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         help=f"give up after this long (default {DEFAULT_TIMEOUT:g})",
@@ -68,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--verify-timeout",
-        type=_seconds,
+        type=positive_seconds,
         default=DEFAULT_VERIFY_TIMEOUT,
         metavar="SECONDS",
         help=f"how long the --verify connection may take (default {DEFAULT_VERIFY_TIMEOUT:g})",
@@ -82,14 +64,13 @@ def _log(line: str) -> None:
 
 def main(argv: list[str]) -> int:
     parser = build_parser()
-    if any(a in ("-h", "--help") for a in argv):
+    if wants_help(argv):
         parser.print_help()
         return EXIT_OK
     try:
         args = parser.parse_args(argv)
-    except _UsageError as exc:
-        print(f"{PREFIX}: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+    except UsageError as exc:
+        return fail(names.WAITER_SUBCOMMAND, exc)
     options = Options(
         file=args.file, timeout=args.timeout, verify=args.verify, verify_timeout=args.verify_timeout
     )

@@ -6,32 +6,64 @@ import argparse
 import json
 import sys
 
-from ..cli import EXIT_OK, PROG
+from ..cli import EXIT_OK, EXIT_OUT_OF_SCOPE, PROG
+from ..decide import scope_problem
+from ..podfacts import AnyNamespace, AnyPod, PodFacts, namespace_facts, pod_facts
 from ..render import Ruleset, render
-from ..spec import OutOfScope, RedirectSpec, SpecError
+from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
 from ..spec.flags import FLAGS, add_redirect_flags, check_arg_count, normalize_argv, spec_from_args
 from ..spec.manifest import ManifestError, load_object, load_pod
-from .common import spec_for_manifest, spec_problem
+from ..spec.pod import TRAFFIC_ANNOTATIONS
+from .common import Parser, UsageError, fail, wants_help
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise SpecError("arguments", "", message)
+SpecProblem = OutOfScope | SpecError | ManifestError | UsageError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog=f"{PROG} rules",
         description="Print the iptables-restore rulesets (IPv4, IPv6) for istio-iptables flags or a pod.",
         allow_abbrev=False,
     )
+    add_manifest_flags(parser)
+    parser.add_argument("--output", choices=("text", "json"), default="text", help="output format")
+    add_redirect_flags(parser)
+    return parser
+
+
+def add_manifest_flags(parser: argparse.ArgumentParser) -> None:
+    """``--pod`` and ``--namespace``, the other way than flags to give `rules` and `apply` a spec."""
     parser.add_argument(
         "--pod", metavar="FILE", help="a Pod or workload manifest (JSON or YAML; - for stdin)"
     )
     parser.add_argument("--namespace", metavar="FILE", help="the pod's Namespace object (with --pod)")
-    parser.add_argument("--output", choices=("text", "json"), default="text", help="output format")
-    add_redirect_flags(parser)
-    return parser
+
+
+def spec_for_manifest(pod: AnyPod, namespace: AnyNamespace) -> RedirectSpec:
+    """The spec of a pod given as a file (`rules --pod`, `apply --pod`); OutOfScope with the
+    agent's own reason for a pod it would never program. Traffic annotations are checked even
+    then: a wrong value is worth saying before "not ours"."""
+    pod, namespace = pod_facts(pod), namespace_facts(namespace)
+    problem = scope_problem(pod)
+    if problem is None:
+        return spec_from_pod(pod, namespace)
+    if not pod.host_network and any(a in pod.annotations for a in TRAFFIC_ANNOTATIONS):
+        spec_from_pod(pod, namespace)
+    raise OutOfScope(problem)
+
+
+def manifest_spec(args: argparse.Namespace) -> tuple[PodFacts, RedirectSpec]:
+    """The pod of ``--pod`` and its spec (with ``--namespace``'s Namespace when given)."""
+    pod = pod_facts(load_pod(args.pod))
+    namespace = load_object(args.namespace) if args.namespace else None
+    return pod, spec_for_manifest(pod, namespace)
+
+
+def report(command: str, exc: SpecProblem) -> int:
+    """Say why there is no spec, in one line, and return the exit status for it."""
+    if isinstance(exc, OutOfScope):
+        return fail(command, f"out of scope: {exc.reason}", EXIT_OUT_OF_SCOPE)
+    return fail(command, exc)
 
 
 def spec_from_cli(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
@@ -47,9 +79,8 @@ def spec_from_cli(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
         if flagged or falses:
             name = flagged[0] if flagged else next(iter(falses))
             raise SpecError(name, name, "give either istio-iptables flags or --pod, not both")
-        pod = load_pod(args.pod)
-        namespace = load_object(args.namespace) if args.namespace else None
-        return args, spec_for_manifest(pod, namespace)
+        _, spec = manifest_spec(args)
+        return args, spec
     if args.namespace:
         raise SpecError("--namespace", args.namespace, "--namespace goes with --pod")
     return args, spec_from_args(args, falses=falses)
@@ -67,13 +98,13 @@ def format_text(ruleset: Ruleset) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if any(a in ("-h", "--help") for a in argv):
+    if wants_help(argv):
         build_parser().print_help()
         return EXIT_OK
     try:
         args, spec = spec_from_cli(argv)
-    except (OutOfScope, SpecError, ManifestError) as exc:
-        return spec_problem("rules", exc)
+    except (OutOfScope, SpecError, ManifestError, UsageError) as exc:
+        return report("rules", exc)
     ruleset = render(spec)
     if args.output == "json":
         doc = {"iptables": ruleset.iptables, "ip6tables": ruleset.ip6tables, "spec": spec.to_json()}

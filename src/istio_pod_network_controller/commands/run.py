@@ -7,11 +7,10 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from typing import TYPE_CHECKING
 
-from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, PROG
-from .common import positive
+from ..cli import EXIT_FAILURE, EXIT_OK, PROG
+from .common import Parser, UsageError, count, excluded_namespaces, fail, port, positive_seconds, wants_help
 
 if TYPE_CHECKING:
     from ..node.netns import Netns
@@ -26,7 +25,7 @@ def _env(name: str, default: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog=f"{PROG} run",
         description="Run the node agent: program the network namespaces of this node's meshed pods.",
         allow_abbrev=False,
@@ -54,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--workers",
-        type=positive(int),
+        type=count,
         default=_env("IPNC_WORKERS", "4"),  # a string default goes through `type` too
         help="pods programmed at once (env IPNC_WORKERS; default 4)",
     )
@@ -66,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--listen-address",
+        type=listen_address,
         default=_env("IPNC_LISTEN_ADDRESS", DEFAULT_LISTEN),
         help=f"HOST:PORT for /metrics, /healthz, /readyz (env IPNC_LISTEN_ADDRESS; default {DEFAULT_LISTEN})",
     )
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--resync-seconds",
-        type=positive(float),
+        type=positive_seconds,
         default=_env("IPNC_RESYNC_SECONDS", "300"),
         help="re-check every pod this often (env IPNC_RESYNC_SECONDS; default 300)",
     )
@@ -99,47 +99,42 @@ def _host_netns(proc_root: str) -> Netns | None:
         return None
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"--listen-address: expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+def listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[IPV6]:PORT``; an empty host is every IPv4 address)."""
+    host, sep, number = text.rpartition(":")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", port(number)
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if wants_help(argv):
+        parser.print_help()
+        return EXIT_OK
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return fail("run", exc)
     from ..observe import setup_logging
 
     setup_logging(args.log_level)
     if not args.node_name:
-        print(f"{PROG} run: the node name is required (--node-name or env NODE_NAME)", file=sys.stderr)
-        return EXIT_INVALID
+        return fail("run", "the node name is required (--node-name or env NODE_NAME)")
     try:
-        listen = parse_listen(args.listen_address)
-    except ValueError as exc:
-        print(f"{PROG} run: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    try:
-        return asyncio.run(_run(args, listen))
+        return asyncio.run(_run(args))
     except KeyboardInterrupt:
         return EXIT_OK
 
 
-async def _run(args: argparse.Namespace, listen: tuple[str, int]) -> int:
+async def _run(args: argparse.Namespace) -> int:
     from ..agent import Agent, AgentConfig
     from ..cluster.api import Api, ApiError
-    from ..decide import DEFAULT_EXCLUDED_NAMESPACES
     from ..node.apply import Applier
     from ..node.backend import Backend, detect
     from ..node.errors import NodeError
     from ..observe import HealthServer, Metrics
 
-    excluded = [
-        *DEFAULT_EXCLUDED_NAMESPACES,
-        *(n.strip() for n in args.excluded_namespaces.split(",") if n.strip()),
-    ]
-    if os.environ.get("POD_NAMESPACE"):
-        excluded.append(os.environ["POD_NAMESPACE"])
     try:
         forced = None if args.iptables_backend == "auto" else Backend(args.iptables_backend)
         host = _host_netns(args.proc_root)
@@ -156,18 +151,19 @@ async def _run(args: argparse.Namespace, listen: tuple[str, int]) -> int:
         node_name=args.node_name,
         proc_root=args.proc_root,
         workers=args.workers,
-        excluded_namespaces=tuple(dict.fromkeys(excluded)),
+        excluded_namespaces=excluded_namespaces(args.excluded_namespaces),
         resync_seconds=args.resync_seconds,
     )
     metrics = Metrics()
     agent = Agent(config, api, Applier(tools), metrics)
-    health = HealthServer(listen, metrics, healthy=agent.healthy, ready=agent.ready.is_set)
+    health = HealthServer(args.listen_address, metrics, healthy=agent.healthy, ready=agent.ready.is_set)
     health.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    log.info("starting", extra={"node": config.node_name, "listen": f"{listen[0]}:{health.port}"})
+    host = args.listen_address[0]
+    log.info("starting", extra={"node": config.node_name, "listen": f"{host}:{health.port}"})
     starting = agent.launch()
     await stop.wait()
     log.info("signal received: draining")

@@ -13,52 +13,22 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from typing import Any
 
-from ..cli import EXIT_FAILURE, EXIT_INVALID, EXIT_OK, PROG
+from ..cli import EXIT_FAILURE, EXIT_OK, PROG
+from .common import (
+    Parser,
+    UsageError,
+    count,
+    excluded_namespaces,
+    fail,
+    port,
+    positive_seconds,
+    seconds,
+    wants_help,
+)
 
 log = logging.getLogger("istio_pod_network_controller.webhook")
-
-PREFIX = f"{PROG} webhook"
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value < 1e9:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    value = _seconds(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds: {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 2**31:
-        raise argparse.ArgumentTypeError(f"a whole number above 0: {text!r}")
-    return int(text)
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port: {text!r}")
-    return int(text)
 
 
 def _run_as(text: str) -> int | None:
@@ -93,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
         MAX_REVIEW_BYTES,
     )
 
-    p = _Parser(
-        prog=PREFIX,
+    p = Parser(
+        prog=f"{PROG} webhook",
         description="Serve the mutating admission webhook that puts the waiting init container "
         "into meshed pods and replaces an injected istio-init.",
         allow_abbrev=False,
@@ -108,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--port",
         "IPNC_WEBHOOK_PORT",
         f"HTTPS port (default {DEFAULT_PORT})",
-        type=_port,
+        type=port,
         default=DEFAULT_PORT,
     )
     _add(p, "--address", "IPNC_WEBHOOK_ADDRESS", "address to listen on (default 0.0.0.0)", default="0.0.0.0")
@@ -135,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--waiter-timeout",
         "IPNC_WAITER_TIMEOUT",
         "the waiter's --timeout in seconds (default: the waiter's own, 300)",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=None,
     )
     _add(
@@ -162,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--namespace-cache-seconds",
         "IPNC_NAMESPACE_CACHE_SECONDS",
         f"how long a namespace read is reused (default {DEFAULT_NAMESPACE_TTL:g})",
-        type=_seconds,
+        type=seconds,
         default=DEFAULT_NAMESPACE_TTL,
     )
     _add(
@@ -171,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "IPNC_WEBHOOK_MAX_CONNECTIONS",
         f"client connections at once (default {DEFAULT_MAX_CONNECTIONS}, fewer if the open-files limit "
         "is lower); at the cap the least recently active idle one is closed for the new one",
-        type=_count,
+        type=count,
         default=DEFAULT_MAX_CONNECTIONS,
     )
     _add(
@@ -179,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-handshake-timeout",
         "IPNC_WEBHOOK_TLS_HANDSHAKE_TIMEOUT",
         f"seconds a client has to complete the TLS handshake (default {DEFAULT_TLS_HANDSHAKE_TIMEOUT:g})",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_TLS_HANDSHAKE_TIMEOUT,
     )
     _add(
@@ -188,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "IPNC_WEBHOOK_READ_TIMEOUT",
         "seconds a request (headers and body) has to arrive, from its first byte, or from the "
         f"handshake for a connection's first request (default {DEFAULT_READ_TIMEOUT:g})",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_READ_TIMEOUT,
     )
     _add(
@@ -196,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout",
         "IPNC_WEBHOOK_IDLE_TIMEOUT",
         f"seconds a kept-alive connection may wait for its next request (default {DEFAULT_IDLE_TIMEOUT:g})",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_IDLE_TIMEOUT,
     )
     _add(
@@ -206,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "seconds from a request's first byte to its answer; past it the answer is a 500 and the "
         "failure policy decides. Keep it below the webhook configuration's timeoutSeconds "
         f"(default {DEFAULT_REQUEST_TIMEOUT:g})",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=DEFAULT_REQUEST_TIMEOUT,
     )
     _add(
@@ -214,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-request-bytes",
         "IPNC_WEBHOOK_MAX_REQUEST_BYTES",
         f"largest request body accepted (default {MAX_REVIEW_BYTES}, 4 MiB)",
-        type=_count,
+        type=count,
         default=MAX_REVIEW_BYTES,
     )
     _add(p, "--kubeconfig", "KUBECONFIG", "kubeconfig file (default: in-cluster service account)")
@@ -223,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shutdown-grace",
         "IPNC_SHUTDOWN_GRACE",
         "seconds between SIGTERM (not ready) and closing (default 3)",
-        type=_seconds,
+        type=seconds,
         default=3.0,
     )
     _add(
@@ -240,21 +210,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     try:
         parser = build_parser()  # environment defaults are parsed here
-        if any(a in ("-h", "--help") for a in argv):
+        if wants_help(argv):
             parser.print_help()
             return EXIT_OK
         args = parser.parse_args(argv)
-    except (_UsageError, argparse.ArgumentTypeError) as exc:
-        print(f"{PREFIX}: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+    except (UsageError, argparse.ArgumentTypeError) as exc:
+        return fail("webhook", exc)
     for flag, value in (
         ("--tls-cert-file", args.tls_cert_file),
         ("--tls-private-key-file", args.tls_private_key_file),
         ("--waiter-image", args.waiter_image),
     ):
         if not value:
-            print(f"{PREFIX}: {flag} is required", file=sys.stderr)
-            return EXIT_INVALID
+            return fail("webhook", f"{flag} is required")
     from ..observe import setup_logging
 
     setup_logging(args.log_level)
@@ -262,7 +230,6 @@ def main(argv: list[str]) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from ..decide import DEFAULT_EXCLUDED_NAMESPACES
     from ..inject import WaiterSettings
     from ..webhook import (
         CachedNamespaces,
@@ -275,19 +242,13 @@ async def _serve(args: argparse.Namespace) -> int:
         raise_open_files_limit,
     )
 
-    excluded = [
-        *DEFAULT_EXCLUDED_NAMESPACES,
-        *(n.strip() for n in args.excluded_namespaces.split(",") if n.strip()),
-    ]
-    if os.environ.get("POD_NAMESPACE"):
-        excluded.append(os.environ["POD_NAMESPACE"])
     settings = WaiterSettings(
         image=args.waiter_image,
         run_as_user=args.waiter_run_as_user,
         timeout=args.waiter_timeout,
         verify=args.waiter_verify,
         image_pull_policy=args.waiter_image_pull_policy or None,
-        excluded_namespaces=tuple(dict.fromkeys(excluded)),
+        excluded_namespaces=excluded_namespaces(args.excluded_namespaces),
     )
     api = None
     namespaces: Namespaces = NoNamespaces()
