@@ -174,7 +174,7 @@ def test_failed_restore_leaves_the_previous_ruleset_intact(pod_ns: Netns, backen
     good = ruleset("--ipv6", "--drop-invalid")
     broken = dataclasses.replace(good, v4=_break_nat(good.v4))
     with pytest.raises(ApplyError) as failed:
-        applier.apply(pod_ns, broken)
+        applier.apply(pod_ns, broken, fresh=False)  # known to hold our rules: read first, then restore
     assert failed.value.step == "iptables-restore"
     assert "ISTIO_NO_SUCH_CHAIN" in failed.value.reason or "line" in failed.value.reason
     assert "previous rules restored" in failed.value.reason
@@ -188,7 +188,7 @@ def test_failed_ipv6_restore_rolls_back_ipv4(pod_ns: Netns, backend_tools: Tools
     good = ruleset("--ipv6", "--drop-invalid", "-o", "9999")
     broken = dataclasses.replace(good, v6=_break_nat(good.v6))
     with pytest.raises(ApplyError) as failed:
-        applier.apply(pod_ns, broken)
+        applier.apply(pod_ns, broken, fresh=False)
     assert failed.value.step == "ip6tables-restore"
     assert (ruleset_lines(pod_ns, backend_tools), ruleset_lines(pod_ns, backend_tools, Family.IPV6)) == before
 

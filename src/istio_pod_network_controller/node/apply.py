@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
-from ..render.ruleset import Ruleset
+from ..render.ruleset import TPROXY, Ruleset
 from . import routes, tables
 from .backend import Family, Tools
 from .errors import ApplyError, NodeError
@@ -165,7 +165,7 @@ def scratch_netns() -> Iterator[Netns]:
 
 
 @dataclass(slots=True)
-class _Family:
+class _FamilyState:
     """Working state of one family during one apply."""
 
     family: Family
@@ -187,16 +187,15 @@ class Applier:
         self.locks = NamespaceLocks()
         self.expected = ExpectedCache()
         self._on_step = on_step
-        self._seen: OrderedDict[NetnsId, None] = OrderedDict()
-        self._seen_guard = threading.Lock()
 
-    def apply(self, ns: Netns, ruleset: Ruleset, *, fresh: bool | None = None) -> ApplyResult:
+    def apply(self, ns: Netns, ruleset: Ruleset, *, fresh: bool = True) -> ApplyResult:
         """Make our rules in ``ns`` exactly ``ruleset``, verified; raise ApplyError otherwise,
         after putting back what we owned before. Nothing is written when they already are.
 
-        ``fresh`` is the caller's belief that the namespace holds nothing of ours (a new sandbox):
-        True tries the create-only fast path first, False reads first (a re-check of a namespace
-        programmed before); None decides by whether this applier has seen the namespace."""
+        ``fresh`` is the caller's belief that the namespace holds nothing of ours. True (a new
+        sandbox, or one the caller knows nothing of) tries the create-only fast path first, which
+        fails before committing anything when rules of ours are there, and the read-first path
+        takes over; False reads first (a re-check of a namespace programmed before)."""
         started = time.perf_counter()
         replaced: list[str] = []
         with self.locks.hold(ns.id):
@@ -219,17 +218,16 @@ class Applier:
         if self._on_step is not None:
             self._on_step(name, ns)
 
-    def _apply_locked(self, ns: Netns, ruleset: Ruleset, fresh: bool | None, replaced: list[str]) -> bool:
+    def _apply_locked(self, ns: Netns, ruleset: Ruleset, fresh: bool, replaced: list[str]) -> bool:
         try:
             fams = [
-                _Family(Family.IPV4, tables.desired(ruleset.v4)),
-                _Family(Family.IPV6, tables.desired(ruleset.v6)),
+                _FamilyState(Family.IPV4, tables.desired(ruleset.v4)),
+                _FamilyState(Family.IPV6, tables.desired(ruleset.v6)),
             ]
         except tables.RulesetFormatError as exc:
             raise ApplyError("prepare", str(exc)) from None
         v6_used = not fams[1].desired.is_empty()
-        first = self._first_visit(ns)
-        if (first if fresh is None else fresh) and self._can_create(fams, ruleset):
+        if fresh and self._can_create(fams, ruleset):
             created = self._apply_fresh(ns, ruleset, fams)
             if created:
                 return True
@@ -287,18 +285,7 @@ class Applier:
             raise ApplyError(exc.step, reason + rollback) from None
         return bool(pending) or routes_written or added_passthrough
 
-    def _first_visit(self, ns: Netns) -> bool:
-        """True the first time this applier sees a namespace (bounded memory, oldest forgotten)."""
-        with self._seen_guard:
-            if ns.id in self._seen:
-                self._seen.move_to_end(ns.id)
-                return False
-            self._seen[ns.id] = None
-            while len(self._seen) > 65536:
-                self._seen.popitem(last=False)
-            return True
-
-    def _can_create(self, fams: list[_Family], ruleset: Ruleset) -> bool:
+    def _can_create(self, fams: list[_FamilyState], ruleset: Ruleset) -> bool:
         """The create-only fast path needs nat chains in every family it writes, and no TPROXY
         (whose policy route must be in place before the rules)."""
         written = [f for f in fams if not f.desired.is_empty()]
@@ -308,8 +295,8 @@ class Applier:
             and all(tables.creates_nat_first(f.desired) for f in written)
         )
 
-    def _apply_fresh(self, ns: Netns, ruleset: Ruleset, fams: list[_Family]) -> bool:
-        """First visit to a namespace, most often a new pod's: write without reading first, with
+    def _apply_fresh(self, ns: Netns, ruleset: Ruleset, fams: list[_FamilyState]) -> bool:
+        """A namespace believed new, most often a new pod's: write without reading first, with
         ``-N`` so that anything of ours already there makes the restore fail before any commit.
         Returns False (having left the namespace as it found it, as far as it can tell) when the
         read-first path must take over."""
@@ -355,7 +342,7 @@ class Applier:
         self._check_still_there(ns)
         return True
 
-    def _already(self, fam: _Family) -> bool:
+    def _already(self, fam: _FamilyState) -> bool:
         """True when our rules in this family already are the desired ones (nothing to write)."""
         assert fam.now is not None
         if fam.desired.is_empty():
@@ -368,7 +355,7 @@ class Applier:
         except ApplyError:
             return False  # a ruleset the kernel refuses: the restore says so, and rolls back
 
-    def _route_families(self, fams: list[_Family], ruleset: Ruleset, v6_used: bool) -> list[Family]:
+    def _route_families(self, fams: list[_FamilyState], ruleset: Ruleset, v6_used: bool) -> list[Family]:
         """Families whose policy route we must write or remove. Without TPROXY we look for an old
         route only where our old rules show TPROXY was in use, to spare a read on every apply."""
         if ruleset.tproxy is not None:
@@ -376,15 +363,15 @@ class Applier:
         found = []
         for fam in fams:
             assert fam.now is not None
-            if ("mangle", "ISTIO_TPROXY") in fam.now.chains:
+            if ("mangle", TPROXY) in fam.now.chains:
                 found.append(fam.family)
         return found
 
-    def _saves(self, ns: Netns, fams: list[_Family]) -> list[Completed]:
+    def _saves(self, ns: Netns, fams: list[_FamilyState]) -> list[Completed]:
         running = ns.start_all([(self.tools.save_argv(f.family), None) for f in fams])
         return [r.wait() for r in running]
 
-    def _restore(self, ns: Netns, pending: list[_Family]) -> None:
+    def _restore(self, ns: Netns, pending: list[_FamilyState]) -> None:
         texts = []
         for fam in pending:
             assert fam.now is not None
@@ -403,7 +390,9 @@ class Applier:
             if not done.ok:
                 raise ApplyError(f"{fam.family.value}-restore", done.reason())
 
-    def _verify(self, ns: Netns, pending: list[_Family], ruleset: Ruleset, route_fams: list[Family]) -> None:
+    def _verify(
+        self, ns: Netns, pending: list[_FamilyState], ruleset: Ruleset, route_fams: list[Family]
+    ) -> None:
         if pending:
             for fam, done in zip(pending, self._saves(ns, pending), strict=True):
                 if not done.ok:
@@ -432,7 +421,7 @@ class Applier:
     def _rollback(
         self,
         ns: Netns,
-        fams: list[_Family],
+        fams: list[_FamilyState],
         route_before: dict[Family, routes.RouteState],
         added_passthrough: bool,
     ) -> str:

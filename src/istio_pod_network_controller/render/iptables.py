@@ -14,19 +14,21 @@ from typing import Literal
 from ..spec.model import DNS_AGENT_PORT, OUTBOUND_MARK, InterceptionMode, RedirectSpec
 from ..spec.values import DnsServer
 from .rules import FamilyRules, Rule
-from .ruleset import Ruleset, TproxyRoute
+from .ruleset import (
+    DIVERT,
+    DROP,
+    IN_REDIRECT,
+    INBOUND,
+    OUTPUT,
+    OUTPUT_DNS,
+    REDIRECT,
+    TPROXY,
+    Ruleset,
+    TproxyRoute,
+)
 
-Family = Literal[4, 6]
-FAMILIES: tuple[Family, Family] = (4, 6)
-
-INBOUND = "ISTIO_INBOUND"
-REDIRECT = "ISTIO_REDIRECT"
-IN_REDIRECT = "ISTIO_IN_REDIRECT"
-OUTPUT = "ISTIO_OUTPUT"
-OUTPUT_DNS = "ISTIO_OUTPUT_DNS"
-DIVERT = "ISTIO_DIVERT"
-TPROXY = "ISTIO_TPROXY"
-DROP = "ISTIO_DROP"
+IpVersion = Literal[4, 6]  # the address family, as the spec's addresses give it
+IP_VERSIONS: tuple[IpVersion, IpVersion] = (4, 6)
 
 INBOUND_PASSTHROUGH_V4 = "127.0.0.6/32"
 INBOUND_PASSTHROUGH_V6 = "::6/128"
@@ -43,7 +45,7 @@ class _Builder:
 
     def add(
         self,
-        family: Family | None,
+        family: IpVersion | None,
         table: str,
         chain: str,
         *match: str,
@@ -152,7 +154,7 @@ def render(spec: RedirectSpec) -> Ruleset:
         b.add(cidr.version, "nat", OUTPUT, "-d", str(cidr), jump="RETURN")
     for port in spec.outbound_ports_include:
         b.add(None, "nat", OUTPUT, "-p", "tcp", "--dport", str(port), jump=REDIRECT)
-    for family in FAMILIES:
+    for family in IP_VERSIONS:
         _outbound_include(b, spec, family)
 
     if tproxy:
@@ -238,7 +240,7 @@ def _dns(b: _Builder, spec: RedirectSpec, uids: list[str], gids: list[str]) -> N
         b.add(None, "raw", OUTPUT_DNS, "-p", "udp", "--dport", "53", jump="CT", options=("--zone", "2"))
         b.add(None, "raw", INBOUND, "-p", "udp", "--sport", "53", jump="CT", options=("--zone", "1"))
         return
-    families: tuple[tuple[Family, tuple[DnsServer, ...]], ...] = (
+    families: tuple[tuple[IpVersion, tuple[DnsServer, ...]], ...] = (
         (4, spec.dns_servers_v4),
         (6, spec.dns_servers_v6),
     )
@@ -253,7 +255,7 @@ def _dns(b: _Builder, spec: RedirectSpec, uids: list[str], gids: list[str]) -> N
                   options=("--zone", "1"))  # fmt: skip
 
 
-def _outbound_include(b: _Builder, spec: RedirectSpec, family: Family) -> None:
+def _outbound_include(b: _Builder, spec: RedirectSpec, family: IpVersion) -> None:
     selection = spec.outbound_cidrs
     if selection.wildcard:
         b.add(family, "nat", OUTPUT, jump=REDIRECT)

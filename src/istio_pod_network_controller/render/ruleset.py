@@ -11,12 +11,22 @@ from dataclasses import dataclass
 
 from .rules import FamilyRules
 
+# The chains istio-iptables creates, by the names it gives them.
+INBOUND = "ISTIO_INBOUND"
+REDIRECT = "ISTIO_REDIRECT"
+IN_REDIRECT = "ISTIO_IN_REDIRECT"
+OUTPUT = "ISTIO_OUTPUT"
+OUTPUT_DNS = "ISTIO_OUTPUT_DNS"
+DIVERT = "ISTIO_DIVERT"
+TPROXY = "ISTIO_TPROXY"
+DROP = "ISTIO_DROP"
+
 # Every chain we may create, per table. Re-applying removes exactly these (and our jumps into
 # them) before writing the new ruleset, so rules that others put in a namespace are left alone.
 OWN_CHAINS: dict[str, tuple[str, ...]] = {
-    "nat": ("ISTIO_INBOUND", "ISTIO_REDIRECT", "ISTIO_IN_REDIRECT", "ISTIO_OUTPUT", "ISTIO_OUTPUT_DNS"),
-    "mangle": ("ISTIO_DIVERT", "ISTIO_TPROXY", "ISTIO_INBOUND", "ISTIO_DROP"),
-    "raw": ("ISTIO_OUTPUT_DNS", "ISTIO_INBOUND"),
+    "nat": (INBOUND, REDIRECT, IN_REDIRECT, OUTPUT, OUTPUT_DNS),
+    "mangle": (DIVERT, TPROXY, INBOUND, DROP),
+    "raw": (OUTPUT_DNS, INBOUND),
 }
 
 
