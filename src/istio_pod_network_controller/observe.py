@@ -262,8 +262,6 @@ class HealthServer:
         healthy: Callable[[], bool],
         ready: Callable[[], bool],
     ) -> None:
-        outer = self
-
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if self.path == "/metrics":
@@ -301,7 +299,6 @@ class HealthServer:
             self.server = ThreadingHTTPServer(address, Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
-        self._outer = outer
 
     @property
     def port(self) -> int:

@@ -67,7 +67,7 @@ class AgentFailed:
     reason: str
 
 
-Observation = Waiting | Initialized | AgentFailed
+Verdict = Waiting | Initialized | AgentFailed
 
 
 def _detail(annotations: Mapping[str, str]) -> tuple[dict[str, Any] | None, str]:
@@ -88,7 +88,7 @@ def _inode_of(detail: Mapping[str, Any]) -> int | None:
     return inode if isinstance(inode, int) and not isinstance(inode, bool) else None
 
 
-def observe(annotations: Mapping[str, str], netns_inode: int) -> Observation:
+def judge_mark(annotations: Mapping[str, str], netns_inode: int) -> Verdict:
     """The agent's mark, judged for the network namespace this process is in."""
     status = annotations.get(names.STATUS)
     if status is None:
@@ -229,7 +229,7 @@ def wait_for_mark(
         except OSError as exc:
             annotations, seen = None, f"cannot read {path}: {exc.strerror or exc}"
         if annotations is not None:
-            found = observe(annotations, inode)
+            found = judge_mark(annotations, inode)
             if isinstance(found, Initialized):
                 return found, annotations
             if isinstance(found, AgentFailed):

@@ -489,7 +489,7 @@ class TlsFiles:
 
     def __init__(self, cert_file: str, key_file: str) -> None:
         self.cert_file, self.key_file = cert_file, key_file
-        self._seen: tuple[bytes, bytes] | None = None
+        self._in_use: tuple[bytes, bytes] | None = None  # the files' bytes of the pair being served
         self.current = self._load()
         self.listening = self._context()
         self.listening.sni_callback = self._choose
@@ -508,9 +508,9 @@ class TlsFiles:
         return ctx
 
     def _load(self) -> ssl.SSLContext:
-        seen = self._read()
+        on_disk = self._read()
         ctx = self._context()
-        self._seen = seen
+        self._in_use = on_disk
         return ctx
 
     def _choose(
@@ -521,11 +521,11 @@ class TlsFiles:
     def reload_if_changed(self) -> bool:
         """Swap in the files' pair when it changed and loads; keep the old one otherwise."""
         try:
-            seen = self._read()
+            on_disk = self._read()
         except OSError as exc:
             log.warning("cannot read the TLS files; keeping the current pair", extra={"error": str(exc)})
             return False
-        if seen == self._seen:
+        if on_disk == self._in_use:
             return False
         try:
             fresh = self._context()
@@ -534,7 +534,7 @@ class TlsFiles:
                 "new TLS files do not load (yet); keeping the current pair", extra={"error": str(exc)}
             )
             return False
-        self.current, self._seen = fresh, seen
+        self.current, self._in_use = fresh, on_disk
         self.reloads += 1
         log.info("TLS certificate reloaded", extra={"cert": self.cert_file})
         return True

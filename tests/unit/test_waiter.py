@@ -27,8 +27,8 @@ from istio_pod_network_controller.waiter import (
     PollingWatcher,
     WaitFailed,
     Waiting,
+    judge_mark,
     netns_inode,
-    observe,
     planned_check,
     run,
     wait_for_mark,
@@ -45,13 +45,13 @@ def marked(status: str, **detail: Any) -> dict[str, str]:
 
 
 def test_initialized_for_our_namespace_passes() -> None:
-    found = observe(marked("initialized", netnsInode=INODE, rulesetSha256="ab"), INODE)
+    found = judge_mark(marked("initialized", netnsInode=INODE, rulesetSha256="ab"), INODE)
     assert isinstance(found, Initialized)
     assert found.detail["rulesetSha256"] == "ab"
 
 
 def test_a_mark_for_an_earlier_sandbox_does_not_count() -> None:
-    found = observe(marked("initialized", netnsInode=INODE - 1), INODE)
+    found = judge_mark(marked("initialized", netnsInode=INODE - 1), INODE)
     assert isinstance(found, Waiting)
     assert "earlier sandbox" in found.reason
 
@@ -72,30 +72,30 @@ def test_a_mark_for_an_earlier_sandbox_does_not_count() -> None:
 def test_anything_but_our_mark_keeps_waiting_and_says_what_it_saw(
     annotations: dict[str, str], seen: str
 ) -> None:
-    found = observe(annotations, INODE)
+    found = judge_mark(annotations, INODE)
     assert isinstance(found, Waiting)
     assert seen in found.reason
 
 
 def test_the_agents_error_is_reported_in_one_line() -> None:
-    found = observe(marked("error", error="annotation x: invalid value 'y'\nsecond line"), INODE)
+    found = judge_mark(marked("error", error="annotation x: invalid value 'y'\nsecond line"), INODE)
     assert found == AgentFailed("annotation x: invalid value 'y' second line")
 
 
 def test_an_error_without_a_reason_still_fails_clearly() -> None:
-    assert observe({names.STATUS: "error"}, INODE) == AgentFailed("(the agent gave no reason)")
+    assert judge_mark({names.STATUS: "error"}, INODE) == AgentFailed("(the agent gave no reason)")
 
 
 def test_an_error_for_an_earlier_sandbox_keeps_waiting() -> None:
-    assert isinstance(observe(marked("error", error="boom", netnsInode=INODE + 5), INODE), Waiting)
-    assert isinstance(observe(marked("error", error="boom", netnsInode=INODE), INODE), AgentFailed)
+    assert isinstance(judge_mark(marked("error", error="boom", netnsInode=INODE + 5), INODE), Waiting)
+    assert isinstance(judge_mark(marked("error", error="boom", netnsInode=INODE), INODE), AgentFailed)
 
 
 def test_an_apply_failure_the_agent_retries_keeps_the_waiter_waiting() -> None:
-    found = observe(marked("error", error="restore: busy", reason="ApplyFailed", netnsInode=INODE), INODE)
+    found = judge_mark(marked("error", error="restore: busy", reason="ApplyFailed", netnsInode=INODE), INODE)
     assert isinstance(found, Waiting) and "retrying: restore: busy" in found.reason
     bad = marked("error", error="bad annotation", reason="InvalidConfiguration", netnsInode=INODE)
-    assert observe(bad, INODE) == AgentFailed("bad annotation")
+    assert judge_mark(bad, INODE) == AgentFailed("bad annotation")
 
 
 # -- waiting ------------------------------------------------------------------------------------
@@ -532,10 +532,10 @@ def test_a_mark_without_a_plan_passes_unproven_whatever_the_pod_wrote(tmp_path: 
     ],
 )
 def test_a_hostile_detail_is_one_line_and_no_recursion(detail: str, said: str) -> None:
-    found = observe({names.STATUS: "initialized", names.DETAIL: detail}, INODE)
+    found = judge_mark({names.STATUS: "initialized", names.DETAIL: detail}, INODE)
     assert isinstance(found, Waiting)
     assert said in found.reason and "\n" not in found.reason
-    assert isinstance(observe({names.STATUS: "error", names.DETAIL: detail}, INODE), AgentFailed)
+    assert isinstance(judge_mark({names.STATUS: "error", names.DETAIL: detail}, INODE), AgentFailed)
 
 
 def test_cli_with_a_deeply_nested_detail_ends_in_one_line_without_a_traceback(tmp_path: Path) -> None:
