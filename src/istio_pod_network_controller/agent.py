@@ -216,7 +216,7 @@ class Agent:
             if as_mapping(pod.get("metadata")).get("namespace") == name:
                 self.queue.add(uid)
 
-    # -- the reconcile: plan -> locate -> apply -> report -------------------------------------
+    # -- the reconcile: decide -> locate -> plan -> apply -> report ----------------------------
 
     async def reconcile(self, uid: str) -> Outcome:
         raw = self.pods.store.get(uid)
@@ -230,8 +230,7 @@ class Agent:
         namespace = namespace_facts(self.namespaces.store.get(pod.namespace))
         if not decide(pod, namespace, excluded_namespaces=self.config.excluded_namespaces).ours:
             return Outcome.DONE
-        ips = pod.ips
-        if not ips:
+        if not pod.ips:
             # The kubelet reports the pod's IPs once its sandbox is up. Until then the namespace
             # cannot be checked against them, and an IPv6 address would be missed (no ip6tables
             # rules). The status update that brings them queues the pod again.
@@ -241,19 +240,19 @@ class Agent:
         ref = PodRef.of(pod)
         fields = {"pod": f"{ref.namespace}/{ref.name}", "uid": uid}
         record = self._programmed.get(uid)
-        if record is not None and record.same_sandbox(ips):
+        if record is not None and record.same_sandbox(pod.ips):
             # Programmed by this process: the rules belong to this sandbox whatever the pod's
             # annotations say now. Read back only when a re-check is due.
             return await self._keep(pod, ref, record, recheck=recheck, fields=fields)
         self._programmed.pop(uid, None)
         try:
-            netns = await self._off_loop(self.find_netns, uid, ips)
+            netns = await self._off_loop(self.find_netns, uid, pod.ips)
         except LocateError as exc:
             log.info("network namespace not there yet", extra={**fields, "reason": exc.reason})
             self.metrics.errors.labels("netns_not_found").inc()
             return Outcome.RETRY
         try:
-            return await self._program(pod, namespace, ref, netns, ips, fields)
+            return await self._program(pod, namespace, ref, netns, fields)
         finally:
             netns.close()
 
@@ -263,41 +262,43 @@ class Agent:
         namespace: NamespaceFacts | None,
         ref: PodRef,
         netns: Netns,
-        ips: tuple[str, ...],
         fields: dict[str, Any],
     ) -> Outcome:
         """A sandbox this process has no record of: a new one (planned from the pod), or one a
         previous process marked (planned from the flags in that mark, then read back)."""
-        plan: Plan | None = None
         marked = _marked_args(pod, netns.inode)
-        if marked is not None:
-            try:
-                plan = await self._off_loop(plan_from_mark, marked)
-            except SpecError:
-                plan = None  # not a mark we wrote: plan from the pod as for a new sandbox
-        if plan is None:
-            try:
-                plan = await self._off_loop(plan_from_pod, pod, namespace)
-            except SpecError as exc:
-                await self._report_error(pod, ref, "InvalidConfiguration", str(exc), fields)
-                return Outcome.DONE  # no retry until the pod changes
+        try:
+            plan = await self._plan(pod, namespace, marked)
+        except SpecError as exc:
+            await self._report_error(pod, ref, "InvalidConfiguration", str(exc), fields)
+            return Outcome.DONE  # no retry until the pod changes
         try:
             result = await self._off_loop(self.applier.apply, netns, plan.ruleset, fresh=marked is None)
         except NodeError as exc:
             return await self._apply_failed(pod, ref, exc, fields, netns.inode)
         uid, gid = waiter_ids(pod)
-        record = Programmed(netns.path, netns.id, ips, plan, probe_plan(plan.spec, uid=uid, gid=gid))
+        record = Programmed(netns.path, netns.id, pod.ips, plan, probe_plan(plan.spec, uid=uid, gid=gid))
         self._programmed[ref.uid] = record
         if marked is not None and result.changed:
             self._drift_repaired(ref, result, fields)
-        raw = pod.annotations.get(names.DETAIL)
-        if marked is not None and not result.changed and raw is not None:
-            found = read_detail(pod)
-            if found.get("rulesetSha256") == plan.sha:
-                record.detail, record.mark_seen = raw, True  # intact and marked: nothing to write
-                log.info("pod re-checked: rules intact", extra={**fields, "netnsInode": result.inode})
-                return Outcome.DONE
+        if marked is not None and not result.changed and read_detail(pod).get("rulesetSha256") == plan.sha:
+            # Intact and marked: nothing to write.
+            record.detail, record.mark_seen = pod.annotations[names.DETAIL], True
+            log.info("pod re-checked: rules intact", extra={**fields, "netnsInode": result.inode})
+            return Outcome.DONE
         return await self._mark(ref, record, result, fields, announce=True)
+
+    async def _plan(
+        self, pod: PodFacts, namespace: NamespaceFacts | None, marked: tuple[str, ...] | None
+    ) -> Plan:
+        """The rules for the sandbox: from the flags of our own mark on it, else from the pod.
+        Raises SpecError (the pod's, never the mark's)."""
+        if marked is not None:
+            try:
+                return await self._off_loop(plan_from_mark, marked)
+            except SpecError:
+                pass  # not a mark we wrote: plan from the pod as for a new sandbox
+        return await self._off_loop(plan_from_pod, pod, namespace)
 
     async def _keep(
         self,
@@ -308,23 +309,12 @@ class Agent:
         recheck: bool,
         fields: dict[str, Any],
     ) -> Outcome:
+        """A sandbox this process programmed: its rules read back when a re-check is due, and its
+        mark kept."""
         if recheck:
-            try:
-                netns = Netns(record.netns_path)
-            except (NodeError, OSError):
-                self._programmed.pop(ref.uid, None)
-                return Outcome.RETRY  # gone between the stat and the open: look again
-            try:
-                if netns.id != record.netns:
-                    self._programmed.pop(ref.uid, None)
-                    return Outcome.RETRY
-                result = await self._off_loop(self.applier.apply, netns, record.plan.ruleset, fresh=False)
-            except NodeError as exc:
-                return await self._apply_failed(pod, ref, exc, fields, netns.inode)
-            finally:
-                netns.close()
-            if result.changed:
-                self._drift_repaired(ref, result, fields)
+            failed = await self._read_back(pod, ref, record, fields)
+            if failed is not None:
+                return failed
         shown = (
             pod.annotations.get(names.DETAIL) == record.detail
             and read_status(pod) == names.STATUS_INITIALIZED
@@ -338,6 +328,28 @@ class Agent:
         result = ApplyResult(record.netns_path, inode, self.applier.tools.backend.value,
                              record.plan.ruleset.rule_count(), False, 0.0)  # fmt: skip
         return await self._mark(ref, record, result, fields, announce=False)
+
+    async def _read_back(
+        self, pod: PodFacts, ref: PodRef, record: Programmed, fields: dict[str, Any]
+    ) -> Outcome | None:
+        """Read the rules back and repair any drift; an Outcome only when that failed."""
+        try:
+            netns = Netns(record.netns_path)
+        except (NodeError, OSError):
+            self._programmed.pop(ref.uid, None)
+            return Outcome.RETRY  # gone between the stat and the open: look again
+        try:
+            if netns.id != record.netns:
+                self._programmed.pop(ref.uid, None)
+                return Outcome.RETRY
+            result = await self._off_loop(self.applier.apply, netns, record.plan.ruleset, fresh=False)
+        except NodeError as exc:
+            return await self._apply_failed(pod, ref, exc, fields, netns.inode)
+        finally:
+            netns.close()
+        if result.changed:
+            self._drift_repaired(ref, result, fields)
+        return None
 
     async def _mark(
         self, ref: PodRef, record: Programmed, result: ApplyResult, fields: dict[str, Any], *, announce: bool

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from ..cli import EXIT_INVALID, PROG
+from ..cli import EXIT_INVALID, EXIT_OK, PROG
 
 # Larger is a typo, not a wish (and would overflow the event loop's timers).
 MAX_SECONDS = 1e9
@@ -35,6 +35,18 @@ class Parser(argparse.ArgumentParser):
 def wants_help(argv: Sequence[str]) -> bool:
     """``-h``/``--help`` anywhere: the caller prints its help and returns 0 (argparse would exit)."""
     return any(a in ("-h", "--help") for a in argv)
+
+
+def parse(command: str, parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """The parsed command line, or the exit status to return: 0 once the help is printed, 2 once
+    the one line saying what is wrong is."""
+    if wants_help(argv):
+        parser.print_help()
+        return EXIT_OK
+    try:
+        return parser.parse_args(argv)
+    except UsageError as exc:
+        return fail(command, exc)
 
 
 def fail(command: str, problem: object, code: int = EXIT_INVALID) -> int:

@@ -14,7 +14,7 @@ import sys
 from .. import names
 from ..cli import EXIT_FAILURE, EXIT_OK, PROG
 from ..waiter import DEFAULT_TIMEOUT, DEFAULT_VERIFY_TIMEOUT, Options, run
-from .common import Parser, UsageError, fail, positive_seconds, wants_help
+from .common import Parser, parse, positive_seconds
 
 PREFIX = f"{PROG} {names.WAITER_SUBCOMMAND}"
 
@@ -63,14 +63,9 @@ def _log(line: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    parser = build_parser()
-    if wants_help(argv):
-        parser.print_help()
-        return EXIT_OK
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        return fail(names.WAITER_SUBCOMMAND, exc)
+    args = parse(names.WAITER_SUBCOMMAND, build_parser(), argv)
+    if isinstance(args, int):
+        return args
     options = Options(
         file=args.file, timeout=args.timeout, verify=args.verify, verify_timeout=args.verify_timeout
     )

@@ -10,7 +10,7 @@ import signal
 from typing import TYPE_CHECKING
 
 from ..cli import EXIT_FAILURE, EXIT_OK, PROG
-from .common import Parser, UsageError, count, excluded_namespaces, fail, port, positive_seconds, wants_help
+from .common import Parser, count, excluded_namespaces, fail, parse, port, positive_seconds
 
 if TYPE_CHECKING:
     from ..node.netns import Netns
@@ -108,14 +108,9 @@ def listen_address(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str]) -> int:
-    parser = build_parser()
-    if wants_help(argv):
-        parser.print_help()
-        return EXIT_OK
-    try:
-        args = parser.parse_args(argv)
-    except UsageError as exc:
-        return fail("run", exc)
+    args = parse("run", build_parser(), argv)
+    if isinstance(args, int):
+        return args
     from ..observe import setup_logging
 
     setup_logging(args.log_level)

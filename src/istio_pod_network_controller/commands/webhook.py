@@ -18,14 +18,13 @@ from typing import Any
 from ..cli import EXIT_FAILURE, EXIT_OK, PROG
 from .common import (
     Parser,
-    UsageError,
     count,
     excluded_namespaces,
     fail,
+    parse,
     port,
     positive_seconds,
     seconds,
-    wants_help,
 )
 
 log = logging.getLogger("istio_pod_network_controller.webhook")
@@ -210,12 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     try:
         parser = build_parser()  # environment defaults are parsed here
-        if wants_help(argv):
-            parser.print_help()
-            return EXIT_OK
-        args = parser.parse_args(argv)
-    except (UsageError, argparse.ArgumentTypeError) as exc:
+    except argparse.ArgumentTypeError as exc:
         return fail("webhook", exc)
+    args = parse("webhook", parser, argv)
+    if isinstance(args, int):
+        return args
     for flag, value in (
         ("--tls-cert-file", args.tls_cert_file),
         ("--tls-private-key-file", args.tls_private_key_file),
