@@ -81,7 +81,7 @@ async def cancel_all(tasks: list[asyncio.Task[Any]]) -> None:
 
 
 class NodeStandIn:
-    """The kubelet's part for node ``node_name`` (see the module docstring).
+    """The kubelet's part for node ``node_name`` (see ``ipnc_dev.standin``'s docstring).
 
     ::
 
