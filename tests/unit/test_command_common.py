@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,22 @@ def test_a_bad_command_line_is_one_line_and_exit_status_2(
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1
     assert err.startswith(f"istio-pod-network-controller {complaint}")
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        "kind: Deployment\nmetadata: 5\nspec: {template: {metadata: 7, spec: {containers: [{name: a}]}}}\n",
+        "kind: Deployment\nmetadata: {namespace: x}\nspec: {template: {metadata: [1], spec: 5}}\n",
+        "kind: CronJob\nspec: {jobTemplate: [1]}\n",
+        "kind: Pod\nmetadata: [1]\nspec: {containers: 5, initContainers: {a: 1}}\nstatus: 7\n",
+    ],
+)
+def test_a_manifest_with_fields_of_the_wrong_type_gets_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, manifest: str
+) -> None:
+    path = tmp_path / "pod.yaml"
+    path.write_text(manifest)
+    assert main(["rules", "--pod", str(path)]) in (2, 3)
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "Traceback" not in err

@@ -17,11 +17,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .api import Api, ApiError, Gone
+from .api import JSON, Api, ApiError, Gone
 
 log = logging.getLogger(__name__)
 
-JSON = dict[str, Any]
 KeyFn = Callable[[Mapping[str, Any]], str]
 OnChange = Callable[[str, JSON | None], None]  # key, object (None: deleted)
 

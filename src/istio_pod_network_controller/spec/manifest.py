@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from ..bounded import BoundedJsonError, JsonLimitError, loads_bounded
+from ..podfacts import as_mapping
 from .errors import show
 from .limits import MAX_MANIFEST_BYTES, MAX_MANIFEST_DEPTH
 
@@ -98,25 +99,23 @@ def read_documents(path: str) -> list[Any]:
 
 
 def pod_from_object(obj: Any) -> dict[str, Any] | None:
-    """A Pod as is; a workload's pod template as a Pod (None for other kinds)."""
+    """A Pod as is; a workload's pod template as a Pod (None for other kinds). Fields of the wrong
+    type read as absent, as everywhere a pod is read (``podfacts``)."""
     if not isinstance(obj, Mapping):
         return None
     kind = obj.get("kind")
-    raw_spec = obj.get("spec")
-    spec: Mapping[str, Any] = raw_spec if isinstance(raw_spec, Mapping) else {}
+    spec = as_mapping(obj.get("spec"))
     template: Any = None
     if kind == "Pod" or (kind is None and "containers" in spec):
         return dict(obj)
     if kind in TEMPLATE_KINDS:
         template = spec.get("template")
     elif kind == "CronJob":
-        job = spec.get("jobTemplate")
-        job_spec = job.get("spec") if isinstance(job, Mapping) else None
-        template = job_spec.get("template") if isinstance(job_spec, Mapping) else None
+        template = as_mapping(as_mapping(spec.get("jobTemplate")).get("spec")).get("template")
     if not isinstance(template, Mapping):
         return None
-    metadata = dict(template.get("metadata") or {})
-    namespace = (obj.get("metadata") or {}).get("namespace")
+    metadata = dict(as_mapping(template.get("metadata")))
+    namespace = as_mapping(obj.get("metadata")).get("namespace")
     if namespace and "namespace" not in metadata:
         metadata["namespace"] = namespace
     return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": template.get("spec") or {}}
