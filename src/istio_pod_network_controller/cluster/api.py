@@ -16,7 +16,7 @@ import httpx2 as httpx  # the HTTP client lightkube ships with (an httpx fork)
 from lightkube.config import client_adapter
 from lightkube.config.kubeconfig import KubeConfig
 
-JSON = dict[str, Any]  # an API object or response body, as decoded; read through podfacts
+JSON = dict[str, Any]  # an API object or response body, as decoded
 
 
 class ApiError(Exception):
