@@ -82,21 +82,24 @@ def helm(
     cwd: Path | None = None,
     check: bool = True,
     timeout: float = 120.0,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run the test helm with its caches in a throw-away folder, and no kubeconfig unless one is
-    given (``helm template`` then needs no cluster at all)."""
+    given (``helm template`` then needs no cluster at all). ``env`` adds variables (e.g.
+    ``KUBECACHEDIR``, so that its discovery cache stays out of ``~/.kube``)."""
     argv = [str(binaries.find("helm")), *args]
     with tempfile.TemporaryDirectory(prefix="ipnc-helm-") as home:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HELM_") and k != "KUBECONFIG"}
-        env |= {
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("HELM_") and k != "KUBECONFIG"}
+        child_env |= {
             "HELM_CACHE_HOME": f"{home}/cache",
             "HELM_CONFIG_HOME": f"{home}/config",
             "HELM_DATA_HOME": f"{home}/data",
         }
         if kubeconfig is not None:
-            env["KUBECONFIG"] = str(kubeconfig)
+            child_env["KUBECONFIG"] = str(kubeconfig)
+        child_env |= dict(env or {})
         result = subprocess.run(  # noqa: S603 - argument list
-            argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+            argv, cwd=cwd, env=child_env, capture_output=True, text=True, timeout=timeout, check=False
         )
     if check and result.returncode != 0:
         raise ChartError(f"helm {' '.join(args)} exited with {result.returncode}:\n{result.stderr}")

@@ -333,12 +333,22 @@ class ControlPlane:
         extra_apiserver_args: Sequence[str] = (),
         log: Callable[[str], None] | None = None,
         attempts: int = 3,
+        service_account_admission: bool = False,
+        kubelet_client: bool = False,
     ) -> ControlPlane:
         """Start etcd and kube-apiserver and wait until the API server is ready.
 
         ``binary_paths`` overrides where etcd/kube-apiserver/kubectl are (default: ``binaries``).
         ``log`` receives progress lines (default: stderr). A start that fails because a port
         picked as free was taken meanwhile is retried, up to ``attempts`` times in all.
+
+        For a cluster with real nodes (``ipnc_dev.realnode``): ``service_account_admission``
+        keeps the ServiceAccount admission plugin on (a controller-manager creates the ``default``
+        ServiceAccounts, and pods then get their token volume), and ``kubelet_client`` makes the
+        API server authenticate to kubelets with the admin certificate (kubelets refuse anonymous
+        logs and exec); its files exist only once the folder does, so no extra argument can name
+        them. Flags in ``extra_apiserver_args`` come last: a repeated plain flag overrides an
+        earlier one (``--advertise-address``), a repeated list flag appends to it.
         """
         say = log if log is not None else _stderr
         paths = dict(binary_paths) if binary_paths else binaries.find_all(binaries.KUBE_BINARIES)
@@ -346,7 +356,14 @@ class ControlPlane:
             workdir = Path(tempfile.mkdtemp(prefix="ipnc-controlplane-", dir=workdir_parent))
             cp = cls(workdir, keep_workdir=keep_workdir)
             try:
-                cp._start(paths, ready_timeout, extra_apiserver_args, say)
+                cp._start(
+                    paths,
+                    ready_timeout,
+                    extra_apiserver_args,
+                    say,
+                    service_account_admission=service_account_admission,
+                    kubelet_client=kubelet_client,
+                )
                 return cp
             except _PortTaken as e:
                 cp.stop()
@@ -364,6 +381,9 @@ class ControlPlane:
         ready_timeout: float,
         extra_apiserver_args: Sequence[str],
         say: Callable[[str], None],
+        *,
+        service_account_admission: bool = False,
+        kubelet_client: bool = False,
     ) -> None:
         t0 = time.monotonic()
         self._kubectl = paths.get("kubectl")
@@ -414,9 +434,17 @@ class ControlPlane:
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             "--authorization-mode=Node,RBAC",
             "--enable-admission-plugins=PodSecurity,MutatingAdmissionWebhook,ValidatingAdmissionWebhook",
-            "--disable-admission-plugins=ServiceAccount",
+            *([] if service_account_admission else ["--disable-admission-plugins=ServiceAccount"]),
             "--allow-privileged=true",
             "--profiling=false",
+            *(
+                [
+                    f"--kubelet-client-certificate={certs.admin_cert}",
+                    f"--kubelet-client-key={certs.admin_key}",
+                ]
+                if kubelet_client
+                else []
+            ),
             *extra_apiserver_args,
         ]
         self._apiserver = _Process(
