@@ -1,0 +1,124 @@
+"""The chart on a real cluster, as a user installs it: ``helm install`` from this checkout, with
+the image ``scripts/build-images`` built from the Dockerfile.
+
+What differs from docs/install.md is only where the image comes from: every node has it imported
+under ``localhost/istio-pod-network-controller:dev``, so the chart's ``image.*`` point there with
+``pullPolicy: Never`` (and the waiter's too). The agent DaemonSet and the webhook Deployment then
+run from it under their chart ServiceAccounts (tokens from the kubelet), the API server calls the
+webhook through its Service, and the mark protection policy is on, as in production.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import chart
+from .processes import wait_until
+
+if TYPE_CHECKING:
+    from .cluster import RealCluster
+
+NAMESPACE = "istio-pod-network-controller"
+RELEASE = "istio-pod-network-controller"
+ROLLOUT_TIMEOUT = 240.0
+
+
+class InstallError(RuntimeError):
+    """The chart did not come up; the message shows the pods and their Events."""
+
+
+@dataclass(frozen=True)
+class Release:
+    namespace: str
+    fullname: str
+    image: str
+    seconds: float
+
+    @property
+    def agent(self) -> str:
+        return f"{self.fullname}-agent"
+
+    @property
+    def webhook(self) -> str:
+        return f"{self.fullname}-webhook"
+
+
+def split_image(image: str) -> tuple[str, str]:
+    """``repository:tag`` -> (repository, tag); a tag is after the last ``:`` that follows the
+    last ``/`` (a registry's port is not a tag)."""
+    slash = image.rfind("/")
+    colon = image.rfind(":")
+    if colon <= slash:
+        raise ValueError(f"image {image!r} has no tag")
+    return image[:colon], image[colon + 1 :]
+
+
+def image_values(image: str) -> dict[str, str | int | bool]:
+    """Chart values that run the agent, the webhook and the waiter from ``image``, never pulled."""
+    repository, tag = split_image(image)
+    return {
+        "image.repository": repository,
+        "image.tag": tag,
+        "image.pullPolicy": "Never",
+        "waiter.image.pullPolicy": "Never",
+    }
+
+
+def namespace_manifest(namespace: str) -> dict[str, Any]:
+    """The release namespace at Pod Security ``privileged`` (the agent is), as docs/install.md's
+    first step makes it."""
+    levels = {f"pod-security.kubernetes.io/{mode}": "privileged" for mode in ("enforce", "audit", "warn")}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace, "labels": levels}}
+
+
+def install(
+    cluster: RealCluster,
+    *,
+    namespace: str = NAMESPACE,
+    values: Mapping[str, str | int | bool] | None = None,
+    timeout: float = ROLLOUT_TIMEOUT,
+) -> Release:
+    """``helm install`` the chart from this checkout and wait until every agent (one per node)
+    and every webhook replica is ready."""
+    assert cluster.images is not None
+    t0 = time.monotonic()
+    cluster.kubectl("apply", "-f", "-", input=chart.dump([namespace_manifest(namespace)]))
+    settings = {**image_values(cluster.images.product), **(values or {})}
+    chart.helm(
+        "install", RELEASE, str(chart.chart_dir()), "-n", namespace, *chart.set_args(settings),
+        kubeconfig=cluster.kubeconfig_path, env=cluster.helm_env(), timeout=120,
+    )  # fmt: skip
+    fullname = str(settings.get("fullnameOverride") or chart.CHART_NAME)
+    release = Release(namespace, fullname, cluster.images.product, 0.0)
+    wait_rollout(cluster, release, nodes=len(cluster.nodes), timeout=timeout)
+    return Release(namespace, fullname, cluster.images.product, time.monotonic() - t0)
+
+
+def wait_rollout(cluster: RealCluster, release: Release, *, nodes: int, timeout: float) -> None:
+    from lightkube.resources.apps_v1 import DaemonSet, Deployment
+
+    def ready() -> bool:
+        with cluster.client() as client:
+            ds = client.get(DaemonSet, release.agent, namespace=release.namespace)
+            dep = client.get(Deployment, release.webhook, namespace=release.namespace)
+        agents = ds.status.numberReady if ds.status else 0
+        wanted = (dep.spec.replicas if dep.spec else None) or 1
+        webhooks = (dep.status.availableReplicas if dep.status else None) or 0
+        return agents == nodes and webhooks >= wanted
+
+    if not wait_until(ready, timeout, interval=0.5):
+        raise InstallError(
+            f"the chart's pods were not ready in {timeout:g} s:\n{describe(cluster, release.namespace)}"
+        )
+
+
+def describe(cluster: RealCluster, namespace: str) -> str:
+    """Pods and Events of ``namespace``, for a failure message."""
+    parts = []
+    for args in (("get", "pods", "-o", "wide"), ("get", "events", "--sort-by=.lastTimestamp")):
+        done = cluster.kubectl("-n", namespace, *args, check=False)
+        parts.append((done.stdout + done.stderr).strip()[-4000:])
+    return "\n".join(parts)
