@@ -1,7 +1,8 @@
-"""The command-line plumbing every subcommand shares: a parser that raises instead of exiting, the
-types of its number arguments, the one-line error, and the namespaces never touched.
+"""The command-line plumbing the subcommands share: a parser that raises instead of exiting, the
+types of number arguments, the one-line error, the namespaces never touched, and the stop signal.
 
-Kept free of the agent and the spec layer: ``init``, which runs in every meshed pod, imports it.
+Kept free of the agent, the spec layer and asyncio: ``init``, which starts in every meshed pod,
+imports it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from ..cli import EXIT_INVALID, EXIT_OK, PROG
+
+if TYPE_CHECKING:
+    import asyncio
 
 # Larger is a typo, not a wish (and would overflow the event loop's timers).
 MAX_SECONDS = 1e9
@@ -111,3 +115,16 @@ def excluded_namespaces(listed: str) -> tuple[str, ...]:
     if os.environ.get("POD_NAMESPACE"):
         names.append(os.environ["POD_NAMESPACE"])
     return tuple(dict.fromkeys(names))
+
+
+def stop_requested() -> asyncio.Event:
+    """An event of the running loop, set on SIGTERM or SIGINT (how Kubernetes and a terminal stop
+    a process): the long-running commands then drain instead of dying mid-write."""
+    import asyncio  # not at import: ``init`` loads this module and has no event loop
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop

@@ -6,11 +6,10 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 from typing import TYPE_CHECKING
 
 from ..cli import EXIT_FAILURE, EXIT_OK, PROG
-from .common import Parser, count, excluded_namespaces, fail, parse, port, positive_seconds
+from .common import Parser, count, excluded_namespaces, fail, parse, port, positive_seconds, stop_requested
 
 if TYPE_CHECKING:
     from ..node.netns import Netns
@@ -153,10 +152,7 @@ async def _run(args: argparse.Namespace) -> int:
     agent = Agent(config, api, Applier(tools), metrics)
     health = HealthServer(args.listen_address, metrics, healthy=agent.healthy, ready=agent.ready.is_set)
     health.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_requested()
     host = args.listen_address[0]
     log.info("starting", extra={"node": config.node_name, "listen": f"{host}:{health.port}"})
     starting = agent.launch()

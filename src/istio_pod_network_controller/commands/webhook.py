@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 from typing import Any
 
 from ..cli import EXIT_FAILURE, EXIT_OK, PROG
@@ -25,6 +24,7 @@ from .common import (
     port,
     positive_seconds,
     seconds,
+    stop_requested,
 )
 
 log = logging.getLogger("istio_pod_network_controller.webhook")
@@ -277,11 +277,7 @@ async def _serve(args: argparse.Namespace) -> int:
         if api is not None:
             await api.close()
         return EXIT_FAILURE
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await stop_requested().wait()
     log.info("stopping", extra={"graceSeconds": args.shutdown_grace})
     await server.stop(grace=args.shutdown_grace)
     if api is not None:
