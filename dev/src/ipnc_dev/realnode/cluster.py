@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from .. import binaries
@@ -60,6 +60,7 @@ from .config import (
     token_kubeconfig,
 )
 from .processes import (
+    STOP_SECONDS,
     NsId,
     Proc,
     cgroup_hierarchies,
@@ -72,6 +73,9 @@ from .processes import (
     stop_all,
     wait_until,
 )
+
+if TYPE_CHECKING:
+    from lightkube import Client
 
 COMMAND_TIMEOUT = 60.0
 HOLDER_TIMEOUT = 10.0
@@ -176,7 +180,7 @@ class RealCluster:
             raise RealClusterError("the real cluster is not running")
         return self.control_plane
 
-    def client(self, **kwargs: Any) -> Any:
+    def client(self, **kwargs: Any) -> Client:
         """A lightkube client as the admin."""
         return self._cp().client(**kwargs)
 
@@ -387,6 +391,8 @@ class RealCluster:
         own_net, own_mnt = ns_of(os.getpid(), "net"), ns_of(os.getpid(), "mnt")
 
         def unshared() -> bool:
+            if proc.exited() is not None:
+                raise RealClusterError(f"{name} exited with {proc.exited()}: {proc.tail()}")
             try:
                 return ns_of(proc.pid, "net") != own_net and (not mount or ns_of(proc.pid, "mnt") != own_mnt)
             except OSError:
@@ -599,8 +605,9 @@ class RealCluster:
         with self.client() as client:
             for obj in client.list(NodeResource):
                 conditions = (obj.status.conditions if obj.status else None) or []
-                if any(c.type == "Ready" and c.status == "True" for c in conditions):
-                    ready.add(obj.metadata.name)
+                name = obj.metadata.name if obj.metadata else None
+                if name and any(c.type == "Ready" and c.status == "True" for c in conditions):
+                    ready.add(name)
         return ready
 
     def _wait_nodes_ready(self) -> None:
@@ -691,7 +698,7 @@ class RealCluster:
 
     def _note_killed(self, killed: list[str]) -> None:
         if killed:
-            self.say(f"killed after {10} s: {', '.join(killed)}")
+            self.say(f"killed after {STOP_SECONDS:g} s: {', '.join(killed)}")
 
     def _remove_pods(self, node: Node) -> None:
         """Stop and remove every pod through the CRI: CNI DEL releases each address (and the

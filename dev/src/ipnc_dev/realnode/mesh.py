@@ -15,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from istio_pod_network_controller import names
 
@@ -142,7 +142,8 @@ def deploy(cluster: RealCluster, injected_dir: Path, *, namespace: str = workloa
 
     def mutated() -> bool:
         with cluster.client() as client:
-            created = client.create(Pod.from_dict(workload.webhook_probe(namespace))).to_dict()
+            probe = cast(Pod, Pod.from_dict(workload.webhook_probe(namespace)))
+            created = client.create(probe).to_dict()
             client.delete(Pod, created["metadata"]["name"], namespace=namespace, grace_period=0)
         inits = [c.get("name") for c in (created.get("spec") or {}).get("initContainers") or []]
         return names.WAITER_CONTAINER in inits
