@@ -56,7 +56,10 @@ def test_host_is_as_found_after_a_test_that_fails_on_purpose() -> None:
         assert running, "a container runs on the node"
         raise FailsOnPurpose("this test fails here, with the cluster up")
     after = hoststate.capture()
-    timings.append(f"real-node teardown after a failure: {time.monotonic() - t0:.1f} s for one node")
+    timings.append(
+        f"real-node test that fails on purpose: {time.monotonic() - t0:.1f} s for one node up, a pod "
+        "running, teardown and host check"
+    )
     assert cluster.differences == []
     assert before.diff(after, foreign=hoststate.foreign_to(cluster.run_id)) == []
     assert not cluster.state.exists()
