@@ -1,7 +1,7 @@
 """The real-node tier: real kubelets, containerd and runc in namespaces of their own, our image
 from the Dockerfile, our chart through helm (see docs/real-node.md).
 
-Every test here is marked ``realnode`` (deselect with ``-m "not realnode"``). They need root, the
+Every test module here marks its tests ``realnode`` (deselect with ``-m "not realnode"``). They need root, the
 binaries of scripts/build-realnode and scripts/build-testbin and the images of
 scripts/build-images: without root they are skipped, as the kernel tier is; a missing binary or
 image fails them, naming the script. How long each cluster took is shown in pytest's closing
@@ -17,12 +17,6 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 timings: list[str] = []
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if HERE in Path(str(item.path)).resolve().parents:
-            item.add_marker(pytest.mark.realnode)
 
 
 def needs_root() -> None:

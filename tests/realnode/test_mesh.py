@@ -23,6 +23,8 @@ from istio_pod_network_controller import names
 
 from .conftest import needs_root, shared_injected, timings
 
+pytestmark = pytest.mark.realnode
+
 NODES = {"node-1", "node-2"}
 EXPECTED_PODS = sum(replicas for _, replicas in workload.SOURCES)
 INITIALIZED_EVENT = re.compile(

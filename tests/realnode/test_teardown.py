@@ -18,6 +18,8 @@ from ipnc_dev.realnode.processes import cgroup_hierarchies
 
 from .conftest import needs_root, timings
 
+pytestmark = pytest.mark.realnode
+
 START_TIMEOUT = 240.0
 STOP_TIMEOUT = 90.0
 
