@@ -240,7 +240,8 @@ def _read_until(stream: IO[str], needle: str, timeout: float, seen: list[str]) -
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(timeout)
-    assert box, f"no line with {needle!r} within {timeout}s:\n{''.join(seen)[-4000:]}"
+    failed = "".join(line for line in seen if "✗" in line)  # the demo's own verdict, if it gave one
+    assert box, f"no line with {needle!r} within {timeout}s:\n{failed}\n{''.join(seen)[-4000:]}"
     return box[0]
 
 

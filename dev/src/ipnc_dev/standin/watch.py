@@ -51,13 +51,15 @@ async def follow_pods(
             async for pod in listing:
                 obj: JSON = pod.to_dict()
                 current[_uid(obj)] = obj
+            # Recorded only once handed over: a change whose handling failed is handed over again
+            # by the next list.
             for uid in reported.keys() - current.keys():
-                del reported[uid]
                 on_change(uid, None)
+                del reported[uid]
             for uid, obj in current.items():
                 if reported.get(uid) != _version(obj):
-                    reported[uid] = _version(obj)
                     on_change(uid, obj)
+                    reported[uid] = _version(obj)
             synced.set()
             failures = 0
             stream = client.watch(Pod, namespace="*", fields=fields, resource_version=listing.resourceVersion)
@@ -65,11 +67,12 @@ async def follow_pods(
                 obj = pod.to_dict()
                 uid = _uid(obj)
                 if event == "DELETED":
-                    if reported.pop(uid, None) is not None:
+                    if uid in reported:
                         on_change(uid, None)
+                        del reported[uid]
                 elif event in ("ADDED", "MODIFIED"):
-                    reported[uid] = _version(obj)
                     on_change(uid, obj)
+                    reported[uid] = _version(obj)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # lightkube's ApiError (410 Gone too), httpx's errors: list again
