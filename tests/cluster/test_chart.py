@@ -855,7 +855,7 @@ def test_rendered_command_lines_parse_with_the_real_parsers(distribution: str) -
         parsed = module.build_parser().parse_args(container["args"][1:])
         if subcommand == "run":
             assert parsed.proc_root == "/host/proc"
-            assert parsed.listen_address == "[::]:15300"
+            assert parsed.listen_address == ("::", 15300)
             assert parsed.excluded_namespaces == f"kube-system,{RELEASE_NS}"
         else:
             assert parsed.port == 9443
