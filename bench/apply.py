@@ -21,6 +21,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from ipnc_dev.iptables import iptables_command
 from istio_pod_network_controller.node.apply import Applier
 from istio_pod_network_controller.node.backend import Backend, Family, Tools, detect
 from istio_pod_network_controller.node.netns import Netns
@@ -54,7 +55,7 @@ def one_command_per_rule(tools: Tools, ns: Netns, ruleset: Ruleset) -> None:
     for family in Family:
         commands = per_rule_commands(ruleset, family)
         for args in commands:
-            done = ns.run([tools.command(family), "-w", *args])
+            done = ns.run([iptables_command(tools, family), "-w", *args])
             if not done.ok:
                 raise RuntimeError(done.reason())
         if commands:
@@ -70,7 +71,8 @@ def in_namespace_per_rule(tools: Tools, ns: Netns, ruleset: Ruleset) -> None:
         lines = [" ".join(args) for args in per_rule_commands(ruleset, family)]
         if not lines:
             continue
-        done = ns.run(["xargs", "-L", "1", tools.command(family), "-w"], stdin="\n".join(lines) + "\n")
+        argv = ["xargs", "-L", "1", iptables_command(tools, family), "-w"]
+        done = ns.run(argv, stdin="\n".join(lines) + "\n")
         if not done.ok:
             raise RuntimeError(done.reason())
         saved = ns.run(tools.save_argv(family))

@@ -29,6 +29,7 @@ from test_agent import (  # noqa: F401 -- fixtures shared with the agent's other
 )
 
 from ipnc_dev.agentproc import AgentProcess
+from ipnc_dev.iptables import iptables_command
 from ipnc_dev.netlab import Netlab
 from istio_pod_network_controller import names
 from istio_pod_network_controller.node.backend import Family, detect
@@ -61,7 +62,7 @@ def _delete_rules(cluster: Cluster, pod: dict[str, Any]) -> None:
     tools = detect()
     with Netns(cluster.boxes.by_uid[_uid(pod)].path) as ns:
         for chain in ("OUTPUT", "PREROUTING"):
-            done = ns.run([tools.command(Family.IPV4), "-t", "nat", "-F", chain])
+            done = ns.run([iptables_command(tools, Family.IPV4), "-t", "nat", "-F", chain])
             assert done.ok, done.reason()
     assert "-j ISTIO_OUTPUT" not in cluster.boxes.iptables_save(_uid(pod))
 

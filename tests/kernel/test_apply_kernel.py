@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ipnc_dev.iptables import iptables_command
 from ipnc_dev.netlab import Netlab
 from istio_pod_network_controller.node import tables
 from istio_pod_network_controller.node.apply import Applier
@@ -74,7 +75,7 @@ def ours(ns: Netns, tools: Tools, family: Family = Family.IPV4) -> list[str]:
 def add_foreign_rules(ns: Netns, tools: Tools) -> None:
     for family in Family:
         for rule in FOREIGN:
-            done = ns.run([tools.command(family), "-w", *rule])
+            done = ns.run([iptables_command(tools, family), "-w", *rule])
             assert done.ok, done.reason()
 
 
@@ -208,7 +209,8 @@ def test_a_ruleset_creating_a_chain_we_do_not_own_is_refused_untouched(
 def test_tampering_seen_at_read_back_is_an_error(pod_ns: Netns, nft_tools: Tools) -> None:
     def tamper(step: str, ns: Netns) -> None:
         if step == "verify":
-            cmd = [nft_tools.command(Family.IPV4), "-t", "nat", "-D", "ISTIO_OUTPUT", "-j", "ISTIO_REDIRECT"]
+            iptables = iptables_command(nft_tools, Family.IPV4)
+            cmd = [iptables, "-t", "nat", "-D", "ISTIO_OUTPUT", "-j", "ISTIO_REDIRECT"]
             assert ns.run(cmd).ok
 
     with pytest.raises(ApplyError) as failed:
@@ -270,7 +272,8 @@ def test_a_stray_chain_in_a_later_table_is_replaced_not_duplicated(
 ) -> None:
     # Our raw chain exists but not our nat chains: the create-only write commits nat, fails on raw,
     # and the read-first path must finish the job from there.
-    assert pod_ns.run([backend_tools.command(Family.IPV4), "-w", "-t", "raw", "-N", "ISTIO_OUTPUT_DNS"]).ok
+    iptables = iptables_command(backend_tools, Family.IPV4)
+    assert pod_ns.run([iptables, "-w", "-t", "raw", "-N", "ISTIO_OUTPUT_DNS"]).ok
     rules = ruleset("--redirect-dns", "--capture-all-dns")
     Applier(backend_tools).apply(pod_ns, rules)
     reference = Applier(backend_tools).expected.compute(backend_tools, Family.IPV4, tables.desired(rules.v4))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 from ..cli import EXIT_INVALID, EXIT_OK, PROG
@@ -94,12 +94,6 @@ def port(text: str) -> int:
     if not (text.isascii() and text.isdigit() and int(text) <= 65535):
         raise argparse.ArgumentTypeError(f"not a port: {text!r}")
     return int(text)
-
-
-def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
-    """``count`` for int, ``positive_seconds`` for float: the name the development package's
-    ``demo`` still imports."""
-    return count if kind is int else positive_seconds
 
 
 # -- settings more than one subcommand takes -----------------------------------------------------

@@ -46,10 +46,6 @@ class Tools:
     def save_argv(self, family: Family) -> list[str]:
         return [self.save[family]]
 
-    def command(self, family: Family) -> str:
-        """The per-rule binary (``iptables-nft``), used only by the benchmark's old way."""
-        return self.restore[family].removesuffix("-restore")
-
 
 def _which(name: str) -> str | None:
     return shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin:/usr/local/sbin")

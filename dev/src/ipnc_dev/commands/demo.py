@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from istio_pod_network_controller.cli import EXIT_INVALID, PROG
-from istio_pod_network_controller.commands.common import positive
+from istio_pod_network_controller.commands.common import count, positive_seconds
 
 # The line of the product's usage, read through the entry point (see ``istio_pod_network_controller.cli``).
 SUMMARY = "the whole system on this machine (root): sample app, live progress, summary"
@@ -36,14 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--requests",
-        type=positive(int),
+        type=count,
         default=3,
         metavar="N",
         help="requests sent frontend -> backend -> database (default 3)",
     )
     p.add_argument(
         "--timeout",
-        type=positive(float),
+        type=positive_seconds,
         default=60.0,
         metavar="SECONDS",
         help="how long the pods may take to start (default 60)",

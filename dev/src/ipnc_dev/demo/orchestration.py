@@ -53,6 +53,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from istio_pod_network_controller import names
+from istio_pod_network_controller.cli import PROG
 
 from .display import Display
 from .scenario import (
@@ -82,7 +83,6 @@ if TYPE_CHECKING:  # imported when used: `--help` and the prerequisite check sta
 
 log = logging.getLogger(__name__)
 
-PROG = "istio-pod-network-controller"
 SETUP = "./scripts/setup"
 CONTROLLER_NAMESPACE = "istio-pod-network-controller"  # where the chart installs the controller
 
