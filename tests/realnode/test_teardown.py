@@ -122,6 +122,39 @@ def test_dev_cluster_real_node_stops_on_sigterm_and_leaves_the_host_as_found(tmp
     assert before.diff(after, foreign=hoststate.foreign_to(run[1])) == []
 
 
+def test_ctrl_c_while_the_nodes_start_leaves_the_host_as_found(tmp_path: Path) -> None:
+    needs_root()
+    before = hoststate.capture()
+    err = tmp_path / "err"
+    cli = Path(sys.executable).with_name("istio-pod-network-controller")
+    with err.open("w") as stderr:
+        proc = subprocess.Popen(  # noqa: S603 - our own CLI
+            [str(cli), "dev", "cluster", "--real-node", "--nodes", "2"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            # The control plane is up: the nodes' namespaces, containerd and images come next.
+            while "control plane ready" not in err.read_text():
+                assert proc.poll() is None, f"dev cluster exited {proc.returncode}:\n{err.read_text()}"
+                assert time.monotonic() < deadline, err.read_text()
+                time.sleep(0.1)
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(STOP_TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    run = re.search(r"ipnc-rn-([0-9a-f]{6})", err.read_text())
+    assert run, err.read_text()
+    assert code == 0, err.read_text()
+    assert "stopped; the host is as it was" in err.read_text()
+    assert before.diff(hoststate.capture(), foreign=hoststate.foreign_to(run[1])) == []
+
+
 def test_a_difference_from_before_is_named() -> None:
     needs_root()
     run = "c0ffee"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 import yaml
 
 from ipnc_dev.commands import dev
-from ipnc_dev.realnode import artifacts, config, hoststate, install, relay, workload
+from ipnc_dev.realnode import artifacts, config, hoststate, install, processes, relay, workload
 from istio_pod_network_controller import names
 
 ALLOWED = [ipaddress.ip_network(n) for n in (config.NODE_NETWORK, config.CLUSTER_CIDR, "10.0.0.0/24")]
@@ -156,6 +157,18 @@ def test_rulesets_compare_without_counters_and_comments() -> None:
     a = hoststate.normalize_ruleset("# Generated at 10:00\n*nat\n:PREROUTING ACCEPT [5:300]\nCOMMIT\n")
     b = hoststate.normalize_ruleset("# Generated at 11:00\n*nat\n:PREROUTING ACCEPT [9:999]\nCOMMIT\n")
     assert a == b == ("*nat", ":PREROUTING ACCEPT [0:0]", "COMMIT")
+
+
+def test_a_killed_child_is_reaped_and_no_longer_counts_as_ours() -> None:
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        assert hoststate.process_start(child.pid) in hoststate.descendants()
+        assert processes.kill_pids([child.pid]) == []
+        assert hoststate.process_start(child.pid) is None
+        assert all(not p.startswith(f"{child.pid}:") for p in hoststate.descendants())
+    finally:
+        child.kill()
+        child.wait()
 
 
 # -- artifacts and the chart's image -------------------------------------------------------------------

@@ -224,11 +224,11 @@ class RealCluster:
         self._trap_signals()
         try:
             self.start()
-        except BaseException:
+        except BaseException as exc:
             try:
                 self.stop()
             except RealClusterError as e:
-                self.say(f"while cleaning up after a failed start: {e}")
+                raise e from exc  # the host not as it was matters more than why the start ended
             raise
         return self
 
@@ -547,16 +547,22 @@ class RealCluster:
             )))  # fmt: skip
         deadline = time.monotonic() + IMPORT_TIMEOUT
         failed: list[str] = []
-        for node, popen in running:
-            try:
-                _, err = popen.communicate(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                popen.kill()
-                popen.communicate()
-                failed.append(f"{node.name}: image import took over {IMPORT_TIMEOUT:g} s")
-                continue
-            if popen.returncode != 0:
-                failed.append(f"{node.name}: {err.strip()[-2000:]}")
+        try:
+            for node, popen in running:
+                try:
+                    _, err = popen.communicate(timeout=max(1.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    failed.append(f"{node.name}: image import took over {IMPORT_TIMEOUT:g} s")
+                    continue
+                if popen.returncode != 0:
+                    failed.append(f"{node.name}: {err.strip()[-2000:]}")
+        finally:
+            # Interrupted or timed out: no import outlives this step (what they started in the
+            # node goes with the node at teardown).
+            for _, popen in running:
+                if popen.poll() is None:
+                    popen.kill()
+                    popen.communicate()
         if failed:
             raise RealClusterError("image import failed: " + "; ".join(failed))
 

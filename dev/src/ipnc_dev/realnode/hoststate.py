@@ -214,13 +214,16 @@ def top_cgroups(root: Path = CGROUP_ROOT) -> tuple[str, ...]:
 
 
 def process_start(pid: int) -> str | None:
-    """``<pid>:<start ticks> <comm>``, or None when it is gone."""
+    """``<pid>:<start ticks> <comm>``, or None when it is gone (a zombie included: it has
+    exited and holds nothing but its exit status)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     comm = stat[stat.index("(") + 1 : stat.rindex(")")]
     fields = stat[stat.rindex(")") + 2 :].split()
+    if fields[0] == "Z":
+        return None
     return f"{pid}:{fields[19]} {comm}"
 
 

@@ -163,10 +163,18 @@ def kill_pids(pids: Iterable[int], timeout: float = KILL_WAIT_SECONDS) -> list[i
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     while pending and time.monotonic() < deadline:
+        for pid in pending:
+            _reap(pid)
         pending = {p for p in pending if Path(f"/proc/{p}").exists() and not _is_zombie(p)}
         if pending:
             time.sleep(0.05)
     return sorted(pending)
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid``'s exit status if it is a child of ours (else it is its parent's to reap)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def _is_zombie(pid: int) -> bool:
