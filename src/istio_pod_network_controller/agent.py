@@ -278,12 +278,12 @@ class Agent:
             return await self._apply_failed(pod, ref, exc, fields, netns.inode)
         uid, gid = waiter_ids(pod)
         record = Programmed(netns.path, netns.id, pod.ips, plan, probe_plan(plan.spec, uid=uid, gid=gid))
-        self._programmed[ref.uid] = record
         if marked is not None and result.changed:
             self._drift_repaired(ref, result, fields)
         if marked is not None and not result.changed and read_detail(pod).get("rulesetSha256") == plan.sha:
             # Intact and marked: nothing to write.
             record.detail, record.mark_seen = pod.annotations[names.DETAIL], True
+            self._programmed[ref.uid] = record
             log.info("pod re-checked: rules intact", extra={**fields, "netnsInode": result.inode})
             return Outcome.DONE
         return await self._mark(ref, record, result, fields, announce=True)
@@ -381,6 +381,9 @@ class Agent:
             self._programmed.pop(ref.uid, None)
             return Outcome.DONE
         record.detail, record.mark_version, record.mark_seen = written, version, False
+        # Recorded only once marked: a patch that fails (the API server away) leaves no record,
+        # so the retry programs and marks the sandbox again instead of taking it for done.
+        self._programmed[ref.uid] = record
         if not announce:
             return Outcome.DONE
         self.metrics.initialized.inc()

@@ -148,3 +148,43 @@ def test_a_reconcile_past_its_deadline_is_given_up_and_the_worker_lives_on(loop:
     loop.run(work())
     assert calls[0] == "slow" and "quick" in calls  # the worker went on to the next pod
     assert agent.queue.failures("slow") >= 1  # the slow one is retried with back-off
+
+
+def test_a_mark_that_could_not_be_written_leaves_no_record(loop: LoopThread) -> None:
+    """The API server away when the mark is patched: the sandbox must not count as done, or the
+    pod would wait for the next resync (minutes) instead of the next retry."""
+    from istio_pod_network_controller.agent import Plan, Programmed
+    from istio_pod_network_controller.cluster.api import ApiError
+    from istio_pod_network_controller.cluster.report import PodRef
+    from istio_pod_network_controller.node.apply import ApplyResult
+    from istio_pod_network_controller.node.netns import NetnsId
+    from istio_pod_network_controller.spec import parse_flags
+
+    agent = make_agent()
+
+    async def refused(*args: Any, **kwargs: Any) -> str:
+        raise ApiError(503, "the API server is away")
+
+    agent.reporter.set_status = refused  # type: ignore[method-assign]
+    plan = Plan.of(parse_flags(["-p", "15001"]))
+    record = Programmed("/proc/1/ns/net", NetnsId(1, 2), ("10.0.0.5",), plan, {})
+    result = ApplyResult("/proc/1/ns/net", 2, "nft", 20, True, 5.0)
+    ref = PodRef("shop", "web", "uid-1")
+
+    async def mark() -> None:
+        with pytest.raises(ApiError):
+            await agent._mark(ref, record, result, {}, announce=True)
+
+    loop.run(mark())
+    assert "uid-1" not in agent._programmed
+
+    async def accepted(*args: Any, **kwargs: Any) -> str:
+        return "42"
+
+    agent.reporter.set_status = accepted  # type: ignore[method-assign]
+
+    async def mark_again() -> None:
+        await agent._mark(ref, record, result, {}, announce=False)
+
+    loop.run(mark_again())
+    assert agent._programmed["uid-1"] is record and record.mark_version == "42"
