@@ -132,6 +132,7 @@ def pods(cluster: RealCluster, namespace: str, *, labels: Mapping[str, str] | No
 def deploy(cluster: RealCluster, injected_dir: Path, *, namespace: str = workload.NAMESPACE) -> int:
     """Namespace, CA ConfigMap, Service, then Istio's Deployments (``workload.SOURCES``) once the
     webhook answers; waits until every pod runs. Returns the number of pods."""
+    from lightkube import ApiError
     from lightkube.resources.core_v1 import Pod
 
     cp = cluster.control_plane
@@ -143,7 +144,12 @@ def deploy(cluster: RealCluster, injected_dir: Path, *, namespace: str = workloa
     def mutated() -> bool:
         with cluster.client() as client:
             probe = cast(Pod, Pod.from_dict(workload.webhook_probe(namespace)))
-            created = client.create(probe).to_dict()
+            try:
+                created = client.create(probe).to_dict()
+            except ApiError:
+                # failurePolicy Fail while the webhook's Service is not routed yet (kube-proxy has
+                # not synced it, or its endpoint is not ready): the API server refuses the pod.
+                return False
             client.delete(Pod, created["metadata"]["name"], namespace=namespace, grace_period=0)
         inits = [c.get("name") for c in (created.get("spec") or {}).get("initContainers") or []]
         return names.WAITER_CONTAINER in inits
