@@ -31,19 +31,12 @@ class InstallError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Release:
-    namespace: str
-    fullname: str
+class Release(chart.ChartAccounts):
+    """The installed release: its ServiceAccounts' names (from ``chart.ChartAccounts``), the image
+    its pods run and how long the install took."""
+
     image: str
     seconds: float
-
-    @property
-    def agent(self) -> str:
-        return f"{self.fullname}-agent"
-
-    @property
-    def webhook(self) -> str:
-        return f"{self.fullname}-webhook"
 
 
 def split_image(image: str) -> tuple[str, str]:
