@@ -37,13 +37,13 @@ from .cluster.report import (
 )
 from .decide import DEFAULT_EXCLUDED_NAMESPACES, decide
 from .node import locate
-from .node.apply import Applier, ApplyResult
+from .node.apply import ApplyResult
 from .node.errors import LocateError, NodeError
 from .node.netns import Netns, NetnsId, netns_id_of
+from .node.programmer import NodeApplier, Planned
 from .observe import Metrics, ReconcileResult
 from .podfacts import NamespaceFacts, PodFacts, as_mapping, namespace_facts, pod_facts
 from .probe import VERIFY_KEY, probe_plan, waiter_ids
-from .render import Ruleset, render
 from .spec import RedirectSpec, SpecError, parse_flags, spec_from_pod
 from .spec.canonical import to_args
 from .workqueue import ShutDown, WorkQueue
@@ -94,24 +94,26 @@ class Plan:
     same rules can be rebuilt for that sandbox without reading the pod's annotations again)."""
 
     spec: RedirectSpec
-    ruleset: Ruleset
+    ruleset: Planned
     sha: str
     args: tuple[str, ...]
 
     @classmethod
-    def of(cls, spec: RedirectSpec) -> Plan:
+    def of(cls, spec: RedirectSpec, render: Callable[[RedirectSpec], Planned]) -> Plan:
         ruleset = render(spec)
         return cls(spec, ruleset, ruleset.sha256(), tuple(to_args(spec)))
 
 
-def plan_from_pod(pod: PodFacts, namespace: NamespaceFacts | None) -> Plan:
+def plan_from_pod(
+    pod: PodFacts, namespace: NamespaceFacts | None, render: Callable[[RedirectSpec], Planned]
+) -> Plan:
     """Raises SpecError. Runs in a worker thread: its cost grows with the pod."""
-    return Plan.of(spec_from_pod(pod, namespace))
+    return Plan.of(spec_from_pod(pod, namespace), render)
 
 
-def plan_from_mark(args: Sequence[str]) -> Plan:
+def plan_from_mark(args: Sequence[str], render: Callable[[RedirectSpec], Planned]) -> Plan:
     """Raises SpecError. The flags come from our own mark, but go through the same parser."""
-    return Plan.of(parse_flags(args))
+    return Plan.of(parse_flags(args), render)
 
 
 @dataclass
@@ -163,7 +165,7 @@ def _marked_args(pod: PodFacts, inode: int) -> tuple[str, ...] | None:
 class Agent:
     config: AgentConfig
     api: Api
-    applier: Applier
+    applier: NodeApplier[Any]
     metrics: Metrics = field(default_factory=Metrics)
     locator: Locator | None = None
 
@@ -295,10 +297,10 @@ class Agent:
         Raises SpecError (the pod's, never the mark's)."""
         if marked is not None:
             try:
-                return await self._off_loop(plan_from_mark, marked)
+                return await self._off_loop(plan_from_mark, marked, self.applier.render)
             except SpecError:
                 pass  # not a mark we wrote: plan from the pod as for a new sandbox
-        return await self._off_loop(plan_from_pod, pod, namespace)
+        return await self._off_loop(plan_from_pod, pod, namespace, self.applier.render)
 
     async def _keep(
         self,
@@ -325,8 +327,9 @@ class Agent:
             return Outcome.DONE  # marked, or our own patch is still on its way back
         log.warning("mark changed by someone else: writing it again", extra=fields)
         inode = record.netns.inode
-        result = ApplyResult(record.netns_path, inode, self.applier.tools.backend.value,
-                             record.plan.ruleset.rule_count(), False, 0.0)  # fmt: skip
+        result = ApplyResult(record.netns_path, inode, self.applier.backend,
+                             record.plan.ruleset.rule_count(), False, 0.0,
+                             mode=self.applier.mode)  # fmt: skip
         return await self._mark(ref, record, result, fields, announce=False)
 
     async def _read_back(
@@ -359,6 +362,7 @@ class Agent:
             "netnsInode": result.inode,
             "rulesetSha256": record.plan.sha,
             "appliedAt": now_rfc3339(),
+            "mode": result.mode,
             "backend": result.backend,
             "rules": result.rules,
             "applyMs": round(result.milliseconds, 2),
@@ -396,7 +400,7 @@ class Agent:
             kind="Normal",
             reason="Initialized",
             message=f"redirect rules applied and verified: {result.rules} rules in network namespace "
-            f"{result.inode} ({result.backend} backend, {result.milliseconds:.1f} ms)",
+            f"{result.inode} ({result.mode} mode, {result.backend} backend, {result.milliseconds:.1f} ms)",
         )
         return Outcome.DONE
 
@@ -575,7 +579,8 @@ class Agent:
             extra={
                 "node": self.config.node_name,
                 "workers": self.config.workers,
-                "backend": self.applier.tools.backend.value,
+                "mode": self.applier.mode,
+                "backend": self.applier.backend,
             },
         )
 

@@ -158,6 +158,7 @@ def test_a_mark_that_could_not_be_written_leaves_no_record(loop: LoopThread) -> 
     from istio_pod_network_controller.cluster.report import PodRef
     from istio_pod_network_controller.node.apply import ApplyResult
     from istio_pod_network_controller.node.netns import NetnsId
+    from istio_pod_network_controller.render import render
     from istio_pod_network_controller.spec import parse_flags
 
     agent = make_agent()
@@ -166,7 +167,7 @@ def test_a_mark_that_could_not_be_written_leaves_no_record(loop: LoopThread) -> 
         raise ApiError(503, "the API server is away")
 
     agent.reporter.set_status = refused  # type: ignore[method-assign]
-    plan = Plan.of(parse_flags(["-p", "15001"]))
+    plan = Plan.of(parse_flags(["-p", "15001"]), render)
     record = Programmed("/proc/1/ns/net", NetnsId(1, 2), ("10.0.0.5",), plan, {})
     result = ApplyResult("/proc/1/ns/net", 2, "nft", 20, True, 5.0)
     ref = PodRef("shop", "web", "uid-1")

@@ -19,12 +19,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from ..render import render
 from ..render.ruleset import TPROXY, Ruleset
 from . import routes, tables
 from .backend import Family, Tools
 from .errors import ApplyError, NodeError
 from .netns import Completed, Netns, NetnsId, tool
+
+if TYPE_CHECKING:
+    from ..spec import RedirectSpec
 
 # Called with "start", then each step's name before it runs ("read", "policy route", "passthrough
 # address", "restore", "verify"), and "done" at the end, all while the namespace's lock is held.
@@ -44,11 +49,14 @@ class ApplyResult:
     # What was there instead of the intended rules when something had to be written over a
     # namespace that already held rules of ours ("" otherwise): the drift a repair undid.
     replaced: str = ""
+    # Which of Istio's modes the rules follow: "iptables" or "nftables" (native).
+    mode: str = "iptables"
 
     def summary(self) -> dict[str, object]:
         return {
             "netns": self.netns,
             "inode": self.inode,
+            "mode": self.mode,
             "backend": self.backend,
             "rules": self.rules,
             "changed": self.changed,
@@ -182,11 +190,20 @@ class Applier:
     """Applies Rulesets with one backend. Thread-safe; share one per agent so that the
     per-namespace lock and the verification cache are shared too."""
 
+    mode = "iptables"
+
     def __init__(self, tools: Tools, *, on_step: StepHook | None = None) -> None:
         self.tools = tools
         self.locks = NamespaceLocks()
         self.expected = ExpectedCache()
         self._on_step = on_step
+
+    @property
+    def backend(self) -> str:
+        return self.tools.backend.value
+
+    def render(self, spec: RedirectSpec) -> Ruleset:
+        return render(spec)
 
     def apply(self, ns: Netns, ruleset: Ruleset, *, fresh: bool = True) -> ApplyResult:
         """Make our rules in ``ns`` exactly ``ruleset``, verified; raise ApplyError otherwise,
