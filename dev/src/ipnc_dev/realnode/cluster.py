@@ -138,6 +138,7 @@ class RealCluster:
         verify_host: bool = True,
         env: Mapping[str, str] | None = None,
         image_archives: Sequence[str] | None = None,
+        kubelet_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not 1 <= nodes <= MAX_NODES:
             raise ValueError(f"a real cluster has 1 to {MAX_NODES} nodes, not {nodes}")
@@ -150,6 +151,8 @@ class RealCluster:
         self._env = os.environ if env is None else env
         # Which of scripts/build-images' archives to import (default: all it lists).
         self.image_archives = tuple(image_archives) if image_archives is not None else None
+        # KubeletConfiguration fields set over the harness's own (see config.kubelet_config).
+        self.kubelet_settings = dict(kubelet_settings or {})
         self.timings: dict[str, float] = {}
         self.nodes: list[Node] = []
         self.control_plane: ControlPlane | None = None
@@ -577,7 +580,8 @@ class RealCluster:
             create_cgroup(plan.cgroup_name, self._hierarchies, node.cgroups)
             self._write(f"{plan.name}/resolv.conf", "nameserver 127.0.0.1\n", 0o644)
             kubelet_conf = self._write(
-                f"{plan.name}/kubelet.yaml", kubelet_config(plan, client_ca=cp.certs.ca_cert)
+                f"{plan.name}/kubelet.yaml",
+                kubelet_config(plan, client_ca=cp.certs.ca_cert, settings=self.kubelet_settings),
             )
             kubeconfig = self._kubeconfig(
                 f"{plan.name}/kubelet.kubeconfig", f"system:node:{plan.name}", server=vip

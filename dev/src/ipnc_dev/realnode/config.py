@@ -160,9 +160,13 @@ def cni_conflist(node: NodePlan) -> str:
     return json.dumps(conf, indent=2) + "\n"
 
 
-def kubelet_config(node: NodePlan, *, client_ca: Path) -> str:
+def kubelet_config(
+    node: NodePlan, *, client_ca: Path, settings: Mapping[str, Any] | None = None
+) -> str:
     """KubeletConfiguration for cgroup v1 with the cgroupfs driver under the node's own
-    cgroupRoot; nothing that writes host sysctls, OOM scores below zero or host paths."""
+    cgroupRoot; nothing that writes host sysctls, OOM scores below zero or host paths.
+    ``settings`` are top-level fields set over ours (e.g. ``syncFrequency`` for a test that
+    needs the kubelet's periodic sync slow)."""
     conf: dict[str, Any] = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
         "kind": "KubeletConfiguration",
@@ -193,6 +197,7 @@ def kubelet_config(node: NodePlan, *, client_ca: Path) -> str:
         "shutdownGracePeriodCriticalPods": "0s",
         "serializeImagePulls": False,
     }
+    conf.update(settings or {})
     return yaml.safe_dump(conf, sort_keys=False)
 
 
