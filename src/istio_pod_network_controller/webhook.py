@@ -407,9 +407,9 @@ def answer_review(
     """The answer to a parsed review (pure and CPU-bound). ``namespace`` None: not read yet, and
     NeedNamespace when it matters; otherwise the Namespace (its name only for one that does not
     exist)."""
+    # A dry run gets the same answer as the real request: the mutation has no side effects
+    # (sideEffects: None), and `kubectl apply --dry-run=server` should show the pod as it would be.
     if not request.is_pod_creation:
-        return Answer(200, review_response(request.uid))
-    if request.dry_run:
         return Answer(200, review_response(request.uid))
     pod = request.pod
     ns_name = request.namespace or pod.namespace
@@ -424,7 +424,9 @@ def answer_review(
                 return Answer(400, message + "\n")
             return NeedNamespace(ns_name)
     pod_name = pod.name or pod.generate_name
-    fields = {"pod": f"{ns_name}/{pod_name}"[:300], "uid": request.uid[:80]}
+    fields: dict[str, object] = {"pod": f"{ns_name}/{pod_name}"[:300], "uid": request.uid[:80]}
+    if request.dry_run:
+        fields["dryRun"] = True
     mutation = mutate_pod(pod, namespace, settings)
     if isinstance(mutation, Patch):
         log.info("pod mutated", extra={**fields, "changes": mutation.summary})

@@ -205,18 +205,25 @@ async def test_invalid_istio_init_args_are_denied_with_the_flag_and_value(runnin
 @pytest.mark.parametrize(
     "changes",
     [
-        {"dryRun": True},
         {"operation": "UPDATE", "oldObject": {}},
         {"operation": "DELETE", "object": None},
         {"kind": {"group": "", "version": "v1", "kind": "Service"}, "resource": {"resource": "services"}},
         {"kind": {"group": "apps", "version": "v1", "kind": "Deployment"}},
         {"subResource": "ephemeralcontainers"},
     ],
-    ids=["dry-run", "update", "delete", "service", "deployment", "subresource"],
+    ids=["update", "delete", "service", "deployment", "subresource"],
 )
 async def test_everything_else_is_allowed_unchanged(running: Running, changes: dict[str, Any]) -> None:
     response = await running.review(pod_request(pod(), **changes))
     assert response == {"uid": pod_request(None)["uid"], "allowed": True}
+
+
+async def test_a_dry_run_gets_the_same_patch_as_the_real_request(running: Running) -> None:
+    real = await running.review(pod_request(pod()))
+    dry = await running.review(pod_request(pod(), dryRun=True))
+    assert patch_of(real) and patch_of(dry) == patch_of(real)
+    denied = await running.review(pod_request(pod(istio_init=["istio-iptables", "-p", "x"]), dryRun=True))
+    assert denied["allowed"] is False
 
 
 async def test_a_pod_not_opted_in_is_allowed_unchanged_after_reading_its_namespace(running: Running) -> None:
