@@ -22,7 +22,26 @@ from istio_pod_network_controller.spec.limits import (
 INJECTION = "\n-A OUTPUT -j DROP"
 
 BAD_FLAGS = [
-    (["-p", "0"], "-p"),
+    (["-p", "010"], "-p"),
+    (["-p", ""], "-p"),
+    (["-z", " "], "-z"),
+    (["-e", ""], "-e"),
+    (["-b", " "], "-b"),
+    (["-b", "80, "], "-b"),
+    (["-b", " *"], "-b"),
+    (["-b", "0x50"], "-b"),
+    (["-b", "http"], "-b"),
+    (["-b", "8010:8000"], "-b"),
+    (["-b", "8000-"], "-b"),
+    (["-i", "10.0.0.0/08"], "-i"),
+    (["-i", " 10.0.0.0/8"], "-i"),
+    (["-c", "e+th"], "-c"),
+    (["-m", "tproxy"], "-m"),
+    (["-m", " TPROXY"], "-m"),
+    (["-m", "TPROXY", "-t", "1338"], "-t"),
+    (["-m", "TPROXY", "-r", "254"], "-r"),
+    (["-t", "0x539"], "-t"),
+    (["-u", " "], "-u"),
     (["-p", "65536"], "-p"),
     (["-z", "80;ls"], "-z"),
     (["-b", "8O"], "-b"),
@@ -64,8 +83,8 @@ def test_bad_flag_value_is_rejected_with_one_line(
 
 
 ANNOTATIONS = {
-    "traffic.sidecar.istio.io/includeInboundPorts": ["0", "65536", "80;ls", "8O"],
-    "traffic.sidecar.istio.io/excludeInboundPorts": ["*", "0"],
+    "traffic.sidecar.istio.io/includeInboundPorts": ["010", "65536", "80;ls", "8O", " "],
+    "traffic.sidecar.istio.io/excludeInboundPorts": ["*", "010"],
     "traffic.sidecar.istio.io/includeOutboundIPRanges": ["10.0.0.0/33", "bad"],
     "traffic.sidecar.istio.io/excludeOutboundIPRanges": ["*", "bad"],
     "traffic.sidecar.istio.io/excludeOutboundPorts": ["x"],

@@ -34,11 +34,18 @@ def test_the_vectors_are_there() -> None:
     assert len(_vectors()) >= 10, f"conformance vectors not found under {VECTORS}"
 
 
-ports = st.lists(st.integers(1, 65535), max_size=4).map(lambda p: ",".join(map(str, p)))
+port = st.integers(0, 65535).map(str)
+# Ranges in both spellings (iptables' with open ends too), repeats allowed.
+port_range = st.tuples(st.integers(0, 65535), st.integers(0, 65535), st.sampled_from([":", "-"])).map(
+    lambda r: f"{min(r[:2])}{r[2]}{max(r[:2])}"
+)
+ports = st.lists(st.one_of(port, port_range, st.sampled_from([":80", "8000:"])), max_size=4).map(",".join)
 cidrs = st.lists(
     st.sampled_from(["10.0.0.0/8", "192.168.1.5/24", "fd00::/8", "::1/128", "0.0.0.0/0", "172.16.0.0/12"]),
     max_size=3,
 ).map(",".join)
+odd_cidrs = ["10.0.0.0/8,10.0.0.0/8", "::ffff:127.0.0.1/128", "::ffff:10.1.2.3/120"]
+cidrs = st.one_of(cidrs, st.sampled_from(odd_cidrs))
 flags = st.fixed_dictionaries(
     {},
     optional={
@@ -53,11 +60,15 @@ flags = st.fixed_dictionaries(
         "-x": cidrs,
         "-q": ports,
         "-o": ports,
-        "-k": st.sampled_from(["", "eth1", "net1,net2"]),
-        "-c": st.sampled_from(["", "eth9", "lo2,x.y"]),
+        "-e": st.one_of(port, port_range),
+        "-t": st.integers(0, 2**32 - 1).map(str),
+        "-r": st.integers(0, 2**32 - 1).map(str),
+        "-k": st.sampled_from(["", "eth1", "net1,net2", "veth+,veth+"]),
+        "-c": st.sampled_from(["", "eth9", "lo2,x.y", "eth+"]),
         "--dns-servers-v4": st.sampled_from(["", "10.96.0.10", "1.1.1.1,8.8.8.8"]),
         "--dns-servers-v6": st.sampled_from(["", "fd00::a", "::127.0.0.53"]),
-        "--owner-groups-include": st.sampled_from(["*", "1000", "java,1001"]),
+        "--owner-groups-include": st.sampled_from(["*", "", "1000", "java,1001,java"]),
+        "--owner-groups-exclude": st.sampled_from(["", "1000", "ftp,ftp"]),
         "--host-ipv4-loopback-cidr": st.sampled_from(["127.0.0.1/32", "127.0.0.1/8"]),
     },
 )

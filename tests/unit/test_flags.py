@@ -51,9 +51,10 @@ def test_unknown_flag_is_an_error_not_silently_dropped() -> None:
         parse_flags(["--iptables-trace-logging"])
 
 
-def test_owner_group_list_and_exclusions_together_are_ambiguous() -> None:
-    with pytest.raises(SpecError, match="not both"):
-        parse_flags(["--owner-groups-include", "java", "--owner-groups-exclude", "ftp"])
+def test_owner_group_exclusions_do_not_apply_to_a_list() -> None:
+    # As istio-iptables documents and does: the exclusions apply only with '*'.
+    spec = parse_flags(["--owner-groups-include", "java", "--owner-groups-exclude", "ftp"])
+    assert spec.owner_groups == parse_flags(["--owner-groups-include", "java"]).owner_groups
 
 
 def test_loopback_cidr_must_be_loopback() -> None:

@@ -22,7 +22,7 @@ from istio_pod_network_controller.render.nftables import (
     render_nftables,
 )
 from istio_pod_network_controller.render.ruleset import TproxyRoute
-from istio_pod_network_controller.spec import parse_flags
+from istio_pod_network_controller.spec import SpecError, parse_flags
 
 VECTORS = Path(__file__).resolve().parents[1] / "conformance" / "istio-nftables"
 VECTOR_FILES = sorted(VECTORS.glob("*.json"))
@@ -181,11 +181,33 @@ def test_more_included_owner_groups_than_one_rule_holds_become_a_set() -> None:
     )
 
 
-def test_ports_are_written_in_decimal() -> None:
-    # nft (and iptables-restore) read `010` as octal 8; the spec holds 10, so 10 is written.
-    text = nft("-b", "010").text()
-    assert "tcp dport 10 counter jump istio-in-redirect" in text
-    assert "dport 010" not in text
+def test_a_port_with_a_leading_zero_is_refused() -> None:
+    # nft (and iptables-restore) read `010` as octal 8, Istio's route code as decimal 10.
+    with pytest.raises(SpecError, match="leading zeros"):
+        nft("-b", "010")
+
+
+def test_port_ranges_are_written_in_nft_spelling_either_way() -> None:
+    for spelled in ("8000:8010", "8000-8010"):
+        text = nft("-b", spelled, "-o", spelled, "-e", spelled, "--redirect-dns", "--capture-all-dns").text()
+        assert "tcp dport 8000-8010 counter jump istio-in-redirect" in text
+        assert "udp dport 8000-8010 counter return" in text
+        assert "tcp dport != { 53, 8000-8010 }" in text
+    assert "tcp dport 0-80 counter" in nft("-b", ":80").text()
+    assert "tcp dport 80-65535 counter" in nft("-b", "80:").text()
+
+
+def test_interface_wildcards_are_written_in_nft_spelling() -> None:
+    text = nft("-c", "eth+", "-k", "veth+").text()
+    assert 'iifname "eth*" counter return' in text
+    assert 'oifname "eth*" counter return' in text
+    assert 'iifname "veth*" counter return' in text
+
+
+def test_repeated_items_make_one_rule_each() -> None:
+    text = nft("-b", "80,80", "-o", "15020,15020").text()
+    assert text.count("tcp dport 80 counter jump istio-in-redirect") == 2
+    assert text.count("udp dport 15020 counter return") == 2
 
 
 def test_host_loopback_cidr_is_written_as_given() -> None:

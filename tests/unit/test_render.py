@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from istio_pod_network_controller.render import render
-from istio_pod_network_controller.spec import parse_flags
+from istio_pod_network_controller.spec import SpecError, parse_flags
 
 SIDECAR = ["-p", "15001", "-z", "15006", "-u", "1337", "-m", "REDIRECT", "-i", "*", "-x", "", "-b", "*",
            "-d", "15090,15021,15020"]  # fmt: skip
@@ -115,3 +117,46 @@ def test_ruleset_hash_changes_with_the_rules() -> None:
     assert a.sha256() == render(parse_flags(SIDECAR)).sha256()
     assert a.sha256() != b.sha256()
     assert a.rule_count() == 18
+
+
+def test_repeated_items_make_one_rule_each_as_in_istio() -> None:
+    text = render(parse_flags(["-b", "80,80", "-o", "15020,15020", "-i", "10.0.0.0/8,10.0.0.0/8"])).iptables
+    assert text.count("-A ISTIO_INBOUND -p tcp --dport 80 -j ISTIO_IN_REDIRECT") == 2
+    assert text.count("-A ISTIO_OUTPUT -p udp --dport 15020 -j RETURN") == 2
+    assert text.count("-A ISTIO_OUTPUT -d 10.0.0.0/8 -j ISTIO_REDIRECT") == 2
+
+
+def test_port_ranges_are_written_as_iptables_reads_them() -> None:
+    args = ["-b", "8000:8010,:80", "-e", "9000:9010", "--redirect-dns", "--capture-all-dns"]
+    text = render(parse_flags(args)).iptables
+    assert "-A ISTIO_INBOUND -p tcp --dport 8000:8010 -j ISTIO_IN_REDIRECT" in text
+    assert "-A ISTIO_INBOUND -p tcp --dport 0:80 -j ISTIO_IN_REDIRECT" in text
+    assert "-A ISTIO_INBOUND -p tcp --dport 9000:9010 -j RETURN" in text
+    assert "! --dports 53,9000:9010" in text
+
+
+def test_nft_range_spelling_is_refused_in_iptables_mode_as_istio_does() -> None:
+    spec = parse_flags(["-o", "8000-8010"])  # the spec holds it: nft mode writes it
+    with pytest.raises(SpecError, match=r"^-o: invalid value '8000-8010': nft's range spelling"):
+        render(spec)
+
+
+def test_interface_wildcards_are_passed_to_iptables() -> None:
+    text = render(parse_flags(["-c", "eth+", "-k", "veth+"])).iptables
+    assert "-A PREROUTING -i eth+ -j RETURN" in text
+    assert "-I PREROUTING 1 -i veth+ -j RETURN" in text
+
+
+def test_fifty_included_owner_groups_are_refused_in_iptables_mode() -> None:
+    render(parse_flags(["--owner-groups-include", ",".join(str(1000 + i) for i in range(49))]))
+    spec = parse_flags(["--owner-groups-include", ",".join(str(1000 + i) for i in range(50))])
+    with pytest.raises(SpecError, match="50 groups: iptables mode") as refused:
+        render(spec)
+    assert "\n" not in str(refused.value)
+
+
+def test_ipv4_mapped_loopback_counts_as_loopback_as_in_go() -> None:
+    mapped = render(parse_flags(["-i", "::ffff:127.0.0.1/128", "--ipv6"])).ip6tables
+    assert "-o lo -m owner ! --uid-owner" not in mapped
+    plain = render(parse_flags(["-i", "::ffff:10.0.0.1/128", "--ipv6"])).ip6tables
+    assert "-o lo -m owner ! --uid-owner" in plain

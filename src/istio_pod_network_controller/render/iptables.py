@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..spec.errors import SpecError
 from ..spec.model import DNS_AGENT_PORT, OUTBOUND_MARK, InterceptionMode, RedirectSpec
-from ..spec.values import DnsServer
+from ..spec.values import DnsServer, Port, PortRange
 from .rules import FamilyRules, Rule
 from .ruleset import (
     DIVERT,
@@ -33,6 +34,10 @@ IP_VERSIONS: tuple[IpVersion, IpVersion] = (4, 6)
 INBOUND_PASSTHROUGH_V4 = "127.0.0.6/32"
 INBOUND_PASSTHROUGH_V6 = "::6/128"
 LOOPBACK_V6 = "::1/128"
+
+# iptables-restore refuses a line of more than 255 arguments: the included owner groups make one
+# rule of five arguments per group, so 49 is the most that loads (in istio-iptables too).
+MAX_IPTABLES_OWNER_GROUPS = 49
 
 
 @dataclass(slots=True)
@@ -69,14 +74,47 @@ class _Builder:
         self.add(6, table, chain, *(v6 if a == "{ip}" else a for a in match), jump=jump, options=options)
 
 
+def _port(port: Port) -> str:
+    """A port or a range as iptables writes it (``8000:8010``)."""
+    return f"{port.low}:{port.high}" if isinstance(port, PortRange) else str(port)
+
+
+def check_iptables_mode(spec: RedirectSpec) -> None:
+    """Raise SpecError for what iptables mode cannot write although the spec holds it (and
+    istio-iptables' iptables mode fails on too): nft's range spelling, too many owner groups."""
+    lists: tuple[tuple[str, tuple[Port, ...]], ...] = (
+        ("-b", spec.inbound_ports.ports),
+        ("-d", spec.inbound_ports_exclude),
+        ("-q", spec.outbound_ports_include),
+        ("-o", spec.outbound_ports_exclude),
+        ("-e", (spec.inbound_tunnel_port,)),
+    )
+    for flag, ports in lists:
+        for port in ports:
+            if isinstance(port, PortRange) and port.separator == "-":
+                raise SpecError(
+                    flag, str(port), f"nft's range spelling: iptables mode writes {port.low}:{port.high}"
+                )
+    groups = spec.owner_groups
+    if not groups.except_ and len(groups.values) > MAX_IPTABLES_OWNER_GROUPS:
+        raise SpecError(
+            "--owner-groups-include",
+            ",".join(groups.values),
+            f"{len(groups.values)} groups: iptables mode matches them in one rule, which iptables-restore "
+            f"refuses beyond {MAX_IPTABLES_OWNER_GROUPS} groups (native nftables mode takes up to 64)",
+        )
+
+
 def render(spec: RedirectSpec) -> Ruleset:
+    """The iptables rules for ``spec``; raises SpecError where iptables mode cannot write it."""
+    check_iptables_mode(spec)
     b = _Builder(ipv6=spec.ipv6)
     loopback_v4 = str(spec.host_ipv4_loopback_cidr)
     tproxy = spec.mode is InterceptionMode.TPROXY
     uids = [str(u) for u in spec.proxy_uids]
     gids = [str(g) for g in spec.proxy_gids]
     dns = spec.dns_enabled
-    tunnel = str(spec.inbound_tunnel_port)
+    tunnel = _port(spec.inbound_tunnel_port)
 
     # 1. Excluded interfaces: never captured, in either direction.
     for nic in spec.exclude_interfaces:
@@ -108,8 +146,8 @@ def render(spec: RedirectSpec) -> Ruleset:
     # 6. Outbound: everything locally generated goes through ISTIO_OUTPUT.
     b.add(None, "nat", "OUTPUT", jump=OUTPUT)
     for port in spec.outbound_ports_exclude:
-        b.add(None, "nat", OUTPUT, "-p", "tcp", "--dport", str(port), jump="RETURN")
-        b.add(None, "nat", OUTPUT, "-p", "udp", "--dport", str(port), jump="RETURN")
+        b.add(None, "nat", OUTPUT, "-p", "tcp", "--dport", _port(port), jump="RETURN")
+        b.add(None, "nat", OUTPUT, "-p", "udp", "--dport", _port(port), jump="RETURN")
     b.add_versioned(
         INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6, "nat", OUTPUT, "-o", "lo", "-s", "{ip}", jump="RETURN"
     )
@@ -153,7 +191,7 @@ def render(spec: RedirectSpec) -> Ruleset:
     for cidr in spec.outbound_cidrs_exclude:
         b.add(cidr.version, "nat", OUTPUT, "-d", str(cidr), jump="RETURN")
     for port in spec.outbound_ports_include:
-        b.add(None, "nat", OUTPUT, "-p", "tcp", "--dport", str(port), jump=REDIRECT)
+        b.add(None, "nat", OUTPUT, "-p", "tcp", "--dport", _port(port), jump=REDIRECT)
     for family in IP_VERSIONS:
         _outbound_include(b, spec, family)
 
@@ -191,7 +229,7 @@ def _inbound(b: _Builder, spec: RedirectSpec, loopback_v4: str) -> None:
     b.add(None, table, "PREROUTING", "-p", "tcp", jump=INBOUND)
     if spec.inbound_ports.wildcard:
         for port in spec.inbound_ports_exclude:
-            b.add(None, table, INBOUND, "-p", "tcp", "--dport", str(port), jump="RETURN")
+            b.add(None, table, INBOUND, "-p", "tcp", "--dport", _port(port), jump="RETURN")
         if tproxy:
             b.add(None, "mangle", INBOUND, "-p", "tcp", "-m", "conntrack", "--ctstate",
                   "RELATED,ESTABLISHED", jump=DIVERT)  # fmt: skip
@@ -199,13 +237,14 @@ def _inbound(b: _Builder, spec: RedirectSpec, loopback_v4: str) -> None:
         else:
             b.add(None, "nat", INBOUND, "-p", "tcp", jump=IN_REDIRECT)
         return
-    for port in spec.inbound_ports.ports:
+    for included in spec.inbound_ports.ports:
+        dport = _port(included)
         if tproxy:
-            b.add(None, "mangle", INBOUND, "-p", "tcp", "--dport", str(port), "-m", "conntrack",
+            b.add(None, "mangle", INBOUND, "-p", "tcp", "--dport", dport, "-m", "conntrack",
                   "--ctstate", "RELATED,ESTABLISHED", jump=DIVERT)  # fmt: skip
-            b.add(None, "mangle", INBOUND, "-p", "tcp", "--dport", str(port), jump=TPROXY)
+            b.add(None, "mangle", INBOUND, "-p", "tcp", "--dport", dport, jump=TPROXY)
         else:
-            b.add(None, "nat", INBOUND, "-p", "tcp", "--dport", str(port), jump=IN_REDIRECT)
+            b.add(None, "nat", INBOUND, "-p", "tcp", "--dport", dport, jump=IN_REDIRECT)
 
 
 def _dns(b: _Builder, spec: RedirectSpec, uids: list[str], gids: list[str]) -> None:

@@ -10,8 +10,9 @@ tests/conformance/istio-nftables pin the text, rule for rule.
 
 Where Istio's nft mode writes rules nft refuses, this renderer writes rules that load and mean
 what the iptables mode means: no jump to a chain that got no rules (DNS servers of a family the
-pod does not have), names that nft would read as keywords are quoted, and more included owner
-groups than one rule can hold become a set.
+pod does not have), names that nft would read as keywords are quoted, iptables' port ranges
+(``8000:8010``) and interface wildcards (``eth+``) are written in nft's spelling (``8000-8010``,
+``"eth*"``), and more included owner groups than one rule can hold become a set.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from enum import Enum
 from typing import Literal
 
 from ..spec.model import DNS_AGENT_PORT, OUTBOUND_MARK, InterceptionMode, RedirectSpec
+from ..spec.values import Port, PortRange
 from .ruleset import TproxyRoute
 
 FAMILY = "inet"
@@ -161,17 +163,25 @@ class Name:
     value: str
 
     def text(self) -> str:
+        if self.value.endswith("+"):
+            # iptables' wildcard `eth+` is nft's `"eth*"` (quoted: a bare * is not a name).
+            return f'"{self.value[:-1]}*"'
         return f'"{self.value}"' if self.value in NFT_KEYWORDS else self.value
+
+
+def _port_text(port: Port) -> str:
+    """A port, or a range in nft's spelling (``8000-8010``), whichever way it was written."""
+    return f"{port.low}-{port.high}" if isinstance(port, PortRange) else str(port)
 
 
 @dataclass(frozen=True, slots=True)
 class PortSet:
-    """An anonymous set of ports, ``{ 53, 15008 }``."""
+    """An anonymous set of ports and ranges, ``{ 53, 15008 }``."""
 
-    ports: tuple[int, ...]
+    ports: tuple[Port, ...]
 
     def text(self) -> str:
-        return "{ " + ", ".join(str(p) for p in self.ports) + " }"
+        return "{ " + ", ".join(_port_text(p) for p in self.ports) + " }"
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,12 +226,14 @@ class CtState(Enum):
     RELATED_ESTABLISHED = "related,established"
 
 
-Value = int | str | Name | PortSet | NameSet | Protocol | CtState
+Value = int | str | PortRange | Name | PortSet | NameSet | Protocol | CtState
 
 
 def _value_text(value: Value) -> str:
     if isinstance(value, (int, str)):
         return str(value)
+    if isinstance(value, PortRange):
+        return _port_text(value)
     if isinstance(value, Enum):
         return str(value.value)
     return value.text()

@@ -27,6 +27,7 @@ from .model import (
     DEFAULT_PROXY_UID,
     DEFAULT_TPROXY_MARK,
     DEFAULT_TPROXY_ROUTE_TABLE,
+    MAX_MARK,
     InterceptionMode,
     OwnerGroups,
     RedirectSpec,
@@ -236,20 +237,30 @@ def spec_from_args(ns: argparse.Namespace, *, falses: dict[str, bool] | None = N
     def name(dest: str) -> str:
         return _DEST_TO_NAME[dest]
 
-    uid_text = text("proxy_uid")
-    uids = (
-        v.parse_ids(name("proxy_uid"), uid_text, what="a UID") if uid_text.strip() else (DEFAULT_PROXY_UID,)
-    )
-    gid_text = text("proxy_gid")
-    gids = v.parse_ids(name("proxy_gid"), gid_text, what="a GID") if gid_text.strip() else uids
+    def given(dest: str) -> str | None:
+        """The flag's value as written, None when the flag is absent."""
+        raw = _text(ns, dest)
+        return None if raw is None else text(dest)
 
-    mode_text = text("mode").strip()
+    # istio-iptables defaults an empty -u (to its proxy user, 1337 here) and -g (to the UIDs).
+    uid_text = text("proxy_uid")
+    uids = v.parse_ids(name("proxy_uid"), uid_text, what="a UID") if uid_text else (DEFAULT_PROXY_UID,)
+    gid_text = text("proxy_gid")
+    gids = v.parse_ids(name("proxy_gid"), gid_text, what="a GID") if gid_text else uids
+
+    # Exactly as istio-iptables compares it; it takes any other text for REDIRECT, silently.
+    mode_text = text("mode")
     if mode_text in ("", InterceptionMode.REDIRECT.value):
         mode = InterceptionMode.REDIRECT
     elif mode_text == InterceptionMode.TPROXY.value:
         mode = InterceptionMode.TPROXY
     else:
-        raise SpecError(name("mode"), mode_text, "interception mode is REDIRECT or TPROXY")
+        raise SpecError(
+            name("mode"),
+            mode_text,
+            "interception mode is REDIRECT or TPROXY, in capitals "
+            "(istio-iptables reads anything else as REDIRECT)",
+        )
 
     include_groups = text("owner_groups_include", "*")
     exclude_groups = text("owner_groups_exclude")
@@ -261,14 +272,22 @@ def spec_from_args(ns: argparse.Namespace, *, falses: dict[str, bool] | None = N
     )
 
     def port_or_default(dest: str, default: int) -> int:
-        raw = text(dest).strip()
-        return default if raw == "" else v.parse_port(name(dest), raw)
+        # Absent: the default. Given, even empty: a port (istio-iptables writes an empty one).
+        raw = given(dest)
+        return default if raw is None else v.parse_port(name(dest), raw)
 
-    def int_or_default(dest: str, default: int, what: str) -> int:
-        raw = text(dest).strip()
-        return default if raw == "" else v.parse_int(name(dest), raw, low=1, high=2**32 - 1, what=what)
+    def number_or_default(dest: str, default: int, what: str) -> int:
+        raw = given(dest)
+        return default if raw is None else v.parse_int(name(dest), raw, low=0, high=MAX_MARK, what=what)
 
-    loopback_text = text("host_ipv4_loopback_cidr").strip()
+    tunnel_text = given("inbound_tunnel_port")
+    tunnel = (
+        DEFAULT_INBOUND_TUNNEL_PORT
+        if tunnel_text is None
+        else v.parse_port_or_range(name("inbound_tunnel_port"), tunnel_text)
+    )
+
+    loopback_text = text("host_ipv4_loopback_cidr")
     extra: dict[str, Any] = {}
     if loopback_text:
         extra["host_ipv4_loopback_cidr"] = v.parse_cidr(name("host_ipv4_loopback_cidr"), loopback_text)
@@ -277,7 +296,7 @@ def spec_from_args(ns: argparse.Namespace, *, falses: dict[str, bool] | None = N
     return RedirectSpec(
         proxy_port=port_or_default("proxy_port", DEFAULT_PROXY_PORT),
         inbound_capture_port=port_or_default("inbound_capture_port", DEFAULT_INBOUND_CAPTURE_PORT),
-        inbound_tunnel_port=port_or_default("inbound_tunnel_port", DEFAULT_INBOUND_TUNNEL_PORT),
+        inbound_tunnel_port=tunnel,
         proxy_uids=uids,
         proxy_gids=gids,
         mode=mode,
@@ -295,8 +314,10 @@ def spec_from_args(ns: argparse.Namespace, *, falses: dict[str, bool] | None = N
         ),
         reroute_virtual_interfaces=v.parse_interfaces(name("virtual_interfaces"), text("virtual_interfaces")),
         exclude_interfaces=v.parse_interfaces(name("exclude_interfaces"), text("exclude_interfaces")),
-        tproxy_mark=int_or_default("tproxy_mark", DEFAULT_TPROXY_MARK, "a mark"),
-        tproxy_route_table=int_or_default("tproxy_route_table", DEFAULT_TPROXY_ROUTE_TABLE, "a route table"),
+        tproxy_mark=number_or_default("tproxy_mark", DEFAULT_TPROXY_MARK, "a mark"),
+        tproxy_route_table=number_or_default(
+            "tproxy_route_table", DEFAULT_TPROXY_ROUTE_TABLE, "a route table"
+        ),
         redirect_dns=flag("redirect_dns"),
         capture_all_dns=flag("capture_all_dns"),
         drop_invalid=flag("drop_invalid"),
@@ -309,15 +330,11 @@ def spec_from_args(ns: argparse.Namespace, *, falses: dict[str, bool] | None = N
 
 
 def owner_groups_from(include: str, exclude: str, *, include_field: str, exclude_field: str) -> OwnerGroups:
-    """istio-iptables' owner-group filter: ``*`` captures all groups but the excluded ones; a
-    list captures only the listed groups. Setting both a list and exclusions is ambiguous (Istio
-    silently drops the exclusions), so it is an error here."""
-    if include.strip() == v.WILDCARD:
+    """istio-iptables' owner-group filter: exactly ``*`` captures all groups but the excluded
+    ones; a list captures only the listed groups, and the exclusions then do not apply (as
+    istio-iptables documents it and does: it does not read them)."""
+    if include == v.WILDCARD:
         return OwnerGroups(except_=True, values=v.parse_groups(exclude_field, exclude))
     if v.WILDCARD in include:
-        raise SpecError(include_field, include, "'*' stands alone: it cannot be mixed with groups")
-    if v.split_list(exclude_field, exclude):
-        raise SpecError(
-            exclude_field, exclude, f"set either {include_field} (a list) or {exclude_field}, not both"
-        )
+        raise SpecError(include_field, include, "'*' stands alone, without spaces or groups")
     return OwnerGroups(except_=False, values=v.parse_groups(include_field, include))

@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import SpecError, check_limit
 from .limits import MAX_OWNER_GROUPS_INCLUDE
-from .values import Cidr, CidrSelection, DnsServer, PortSelection
+from .values import NO_PORTS, Cidr, CidrSelection, DnsServer, Port, PortRange, Ports, PortSelection
 
 DEFAULT_PROXY_PORT = 15001
 DEFAULT_INBOUND_CAPTURE_PORT = 15006
@@ -25,8 +25,10 @@ DEFAULT_TPROXY_ROUTE_TABLE = 133
 DNS_AGENT_PORT = 15053
 OUTBOUND_MARK = 1338  # istio-iptables' mark for proxy -> workload traffic in TPROXY mode
 DEFAULT_LOOPBACK_CIDR = Cidr(ipaddress.IPv4Interface("127.0.0.1/32"))
-# Route tables the kernel reserves (unspec, default, main, local).
+# Route tables the kernel reserves (unspec, default, main, local): TPROXY's local default route
+# in one of them takes over the pod's routing (istio-iptables writes it into main for 254).
 RESERVED_ROUTE_TABLES = frozenset({0, 253, 254, 255})
+MAX_MARK = 2**32 - 1
 
 
 class InterceptionMode(Enum):
@@ -47,16 +49,16 @@ class OwnerGroups:
 class RedirectSpec:
     proxy_port: int = DEFAULT_PROXY_PORT
     inbound_capture_port: int = DEFAULT_INBOUND_CAPTURE_PORT
-    inbound_tunnel_port: int = DEFAULT_INBOUND_TUNNEL_PORT
+    inbound_tunnel_port: Port = DEFAULT_INBOUND_TUNNEL_PORT
     proxy_uids: tuple[int, ...] = (DEFAULT_PROXY_UID,)
     proxy_gids: tuple[int, ...] = (DEFAULT_PROXY_UID,)
     mode: InterceptionMode = InterceptionMode.REDIRECT
     inbound_ports: PortSelection = field(default_factory=PortSelection)
-    inbound_ports_exclude: tuple[int, ...] = ()
+    inbound_ports_exclude: Ports = NO_PORTS
     outbound_cidrs: CidrSelection = field(default_factory=CidrSelection)
     outbound_cidrs_exclude: tuple[Cidr, ...] = ()
-    outbound_ports_include: tuple[int, ...] = ()
-    outbound_ports_exclude: tuple[int, ...] = ()
+    outbound_ports_include: Ports = NO_PORTS
+    outbound_ports_exclude: Ports = NO_PORTS
     reroute_virtual_interfaces: tuple[str, ...] = ()
     exclude_interfaces: tuple[str, ...] = ()
     tproxy_mark: int = DEFAULT_TPROXY_MARK
@@ -76,12 +78,25 @@ class RedirectSpec:
             raise SpecError(
                 "--host-ipv4-loopback-cidr", str(loop), "must be an IPv4 CIDR inside 127.0.0.0/8, prefix 8-32"
             )
-        if not 0 < self.tproxy_mark < 2**32:
-            raise SpecError("-t", self.tproxy_mark, "a mark is from 1 to 4294967295")
-        if self.tproxy_mark == OUTBOUND_MARK:
-            raise SpecError("-t", self.tproxy_mark, f"{OUTBOUND_MARK} is the proxy's outbound mark")
-        if self.tproxy_route_table in RESERVED_ROUTE_TABLES or not 0 < self.tproxy_route_table < 2**32:
-            raise SpecError("-r", self.tproxy_route_table, "a route table is 1-4294967295, not 253-255")
+        if not 0 <= self.tproxy_mark <= MAX_MARK:
+            raise SpecError("-t", self.tproxy_mark, f"a mark is from 0 to {MAX_MARK}")
+        if not 0 <= self.tproxy_route_table <= MAX_MARK:
+            raise SpecError("-r", self.tproxy_route_table, f"a route table is from 0 to {MAX_MARK}")
+        if self.mode is InterceptionMode.TPROXY:
+            # Only TPROXY uses the mark and the table (istio-iptables ignores both otherwise).
+            if self.tproxy_mark in (0, OUTBOUND_MARK):
+                raise SpecError(
+                    "-t",
+                    self.tproxy_mark,
+                    f"TPROXY needs a mark other than 0 and {OUTBOUND_MARK}, the proxy's outbound mark",
+                )
+            if self.tproxy_route_table in RESERVED_ROUTE_TABLES:
+                raise SpecError(
+                    "-r",
+                    self.tproxy_route_table,
+                    "TPROXY's local default route would take over a table the kernel reserves "
+                    "(0, 253 default, 254 main, 255 local)",
+                )
         if not self.owner_groups.except_:
             check_limit(
                 "--owner-groups-include", len(self.owner_groups.values), "groups", MAX_OWNER_GROUPS_INCLUDE
@@ -111,8 +126,10 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, DnsServer):
         return value.text
+    if isinstance(value, PortRange):
+        return str(value)
     if isinstance(value, PortSelection):
-        return "*" if value.wildcard else list(value.ports)
+        return "*" if value.wildcard else [_plain(p) for p in value.ports]
     if isinstance(value, CidrSelection):
         return "*" if value.wildcard else [str(c) for c in value.cidrs]
     if isinstance(value, OwnerGroups):

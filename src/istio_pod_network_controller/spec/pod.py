@@ -206,7 +206,7 @@ def _from_cni_semantics(pod: PodFacts, namespace: NamespaceFacts | None) -> Redi
     proxy_gid = gid if gid else DEFAULT_PROXY_UID
 
     excluded_inbound = v.parse_ports_no_wildcard(ANN_EXCLUDE_INBOUND, get(ANN_EXCLUDE_INBOUND, ""))
-    excluded_inbound = tuple(dict.fromkeys((*excluded_inbound, *ALWAYS_EXCLUDED_INBOUND)))
+    excluded_inbound = v.Ports(dict.fromkeys((*excluded_inbound, *ALWAYS_EXCLUDED_INBOUND)))
 
     if ANN_REROUTE_VIRTUAL_INTERFACES in ann:
         virtual = v.parse_interfaces(ANN_REROUTE_VIRTUAL_INTERFACES, get(ANN_REROUTE_VIRTUAL_INTERFACES, ""))

@@ -19,7 +19,12 @@ from .limits import MAX_LIST_ITEMS
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _DIGITS = re.compile(r"[0-9]{1,10}")
-_INTERFACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.-]*")
+# A number as every consumer of istio-iptables' text reads it alike: decimal, no leading zero.
+_DECIMAL = re.compile(r"0|[1-9][0-9]{0,9}")
+_HEX = re.compile(r"0[xX][0-9a-fA-F]+")
+_SERVICE_NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_.-]*")
+# A name, or a name ending in "+": iptables' interface wildcard (every name with that prefix).
+_INTERFACE = re.compile(r"[a-zA-Z][a-zA-Z0-9_.-]*\+?")
 # POSIX-portable user/group names (useradd's default rule), as iptables' owner match resolves them.
 _GROUP_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 _ADDRESS_CHARS = re.compile(r"[0-9a-fA-F:.]+")
@@ -27,34 +32,116 @@ MAX_INTERFACE_LEN = 15
 WILDCARD = "*"
 
 
-def split_list(field: str, text: str, *, strip: str | None = None) -> list[str]:
-    """Comma list as istio-iptables reads it: empty items dropped; items stripped of ``strip``
-    (whitespace by default). At most MAX_LIST_ITEMS items."""
-    items = [stripped for item in text.split(",") if (stripped := item.strip(strip))]
+def split_list(field: str, text: str) -> list[str]:
+    """Comma list as istio-iptables reads it: empty items dropped, every other item kept as
+    written and in order, repeats included (istio-iptables writes one rule per item). A blank
+    item is an error: istio-iptables writes a rule without its value, which iptables and nft
+    refuse. At most MAX_LIST_ITEMS items."""
+    items = [item for item in text.split(",") if item]
     check_limit(field, len(items), "items", MAX_LIST_ITEMS)
+    for item in items:
+        if not item.strip():
+            raise SpecError(field, text, "a blank item in the list (istio-iptables refuses it too)")
     return items
 
 
+def _number_problem(text: str, what: str, low: int, high: int) -> str:
+    """Why ``text`` is not one of our numbers, in words that say what to write instead."""
+    if not text:
+        return f"{what} is missing (istio-iptables refuses an empty value too)"
+    if _HEX.fullmatch(text):
+        return f"{what} is written in decimal here (hexadecimal is refused)"
+    if _DIGITS.fullmatch(text):
+        return (
+            f"{what} is written without leading zeros: istio-iptables passes the text on, and "
+            "iptables and nft read it as octal (010 is 8) while its own route code reads decimal"
+        )
+    if _SERVICE_NAME.fullmatch(text) and what == "a port":
+        return (
+            "service names are refused: they resolve against whichever /etc/services the program "
+            "that writes the rules sees; write the port number"
+        )
+    return f"{what} must be a whole number from {low} to {high}"
+
+
 def parse_int(field: str, text: str, *, low: int, high: int, what: str) -> int:
-    text = text.strip()
-    if not _DIGITS.fullmatch(text):
-        raise SpecError(field, text, f"{what} must be a whole number from {low} to {high}")
-    number = int(text)
+    """A decimal number from ``low`` to ``high``; surrounding whitespace is allowed (iptables
+    and nft read the value as a token of its own)."""
+    stripped = text.strip()
+    if not _DECIMAL.fullmatch(stripped):
+        raise SpecError(field, text, _number_problem(stripped, what, low, high))
+    number = int(stripped)
     if not low <= number <= high:
         raise SpecError(field, text, f"{what} must be from {low} to {high}")
     return number
 
 
+MAX_PORT = 65535
+RangeSeparator = Literal[":", "-"]
+
+
+@dataclass(frozen=True, slots=True)
+class PortRange:
+    """A range of ports, ``low`` to ``high`` included, spelled as written: ``8000:8010`` is
+    iptables' form (``:8010`` and ``8000:`` leave an end open), ``8000-8010`` nft's. Each of
+    Istio's modes takes only its own spelling; ``render`` refuses the other one where Istio does
+    and nothing is lost (``str`` gives the text back)."""
+
+    low: int
+    high: int
+    separator: RangeSeparator = ":"
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text or f"{self.low}{self.separator}{self.high}"
+
+    def covers(self, port: int) -> bool:
+        return self.low <= port <= self.high
+
+
+Port = int | PortRange
+
+
+class Ports(tuple[Port, ...]):
+    """A list of ports and ranges, in order; ``port in ports`` says whether some item covers it."""
+
+    __slots__ = ()
+
+    def __contains__(self, port: object) -> bool:
+        for item in tuple.__iter__(self):
+            if item == port or (isinstance(item, PortRange) and isinstance(port, int) and item.covers(port)):
+                return True
+        return False
+
+
+NO_PORTS = Ports()
+
+
 def parse_port(field: str, text: str) -> int:
-    return parse_int(field, text, low=1, high=65535, what="a port")
+    """One port number, 0 to 65535 (0 is taken as istio-iptables takes it)."""
+    return parse_int(field, text, low=0, high=MAX_PORT, what="a port")
 
 
-def parse_ports(field: str, text: str) -> tuple[int, ...]:
-    """A comma list of ports, duplicates removed (first occurrence kept)."""
-    seen: dict[int, None] = {}
-    for item in split_list(field, text):
-        seen.setdefault(parse_port(field, item), None)
-    return tuple(seen)
+def parse_port_or_range(field: str, text: str) -> Port:
+    """A port, or a range as iptables (``8000:8010``, ``:8010``, ``8000:``) or nft
+    (``8000-8010``) writes it."""
+    stripped = text.strip()
+    separator: RangeSeparator | None = ":" if ":" in stripped else "-" if "-" in stripped else None
+    if separator is None:
+        return parse_port(field, text)
+    low_text, _, high_text = stripped.partition(separator)
+    if separator == "-" and not (low_text and high_text):
+        raise SpecError(field, text, "an nft port range has both ends (8000-8010)")
+    low = parse_port(field, low_text) if low_text else 0
+    high = parse_port(field, high_text) if high_text else MAX_PORT
+    if low > high:
+        raise SpecError(field, text, "a port range runs from the lower port to the higher")
+    return PortRange(low, high, separator, stripped)
+
+
+def parse_ports(field: str, text: str) -> Ports:
+    """A comma list of ports and port ranges, in order, repeats kept."""
+    return Ports(parse_port_or_range(field, item) for item in split_list(field, text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +149,7 @@ class PortSelection:
     """``*`` (every port), an explicit list, or nothing."""
 
     wildcard: bool = False
-    ports: tuple[int, ...] = ()
+    ports: Ports = NO_PORTS
 
     @property
     def empty(self) -> bool:
@@ -70,14 +157,15 @@ class PortSelection:
 
 
 def parse_port_selection(field: str, text: str) -> PortSelection:
-    if text.strip() == WILDCARD:
+    # Exactly "*", as istio-iptables compares it: " *" would be a port to it.
+    if text == WILDCARD:
         return PortSelection(wildcard=True)
     if WILDCARD in text:
-        raise SpecError(field, text, "'*' stands alone: it cannot be mixed with ports")
+        raise SpecError(field, text, "'*' stands alone, without spaces or ports")
     return PortSelection(ports=parse_ports(field, text))
 
 
-def parse_ports_no_wildcard(field: str, text: str) -> tuple[int, ...]:
+def parse_ports_no_wildcard(field: str, text: str) -> Ports:
     if WILDCARD in text:
         raise SpecError(field, text, "'*' is not allowed here: list the ports")
     return parse_ports(field, text)
@@ -96,17 +184,24 @@ class Cidr:
 
     @property
     def is_loopback(self) -> bool:
-        return self.interface.ip.is_loopback
+        """Loopback as Go's netip reads it: an IPv4-mapped IPv6 address (``::ffff:127.0.0.1``)
+        is unmapped first, so istio-iptables treats such a range as loopback."""
+        ip = self.interface.ip
+        mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+        return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
     def __str__(self) -> str:
         return f"{self.interface.ip}/{self.interface.network.prefixlen}"
 
 
 def parse_cidr(field: str, text: str) -> Cidr:
-    text = text.strip()
+    """ADDRESS/PREFIX as Go's netip.ParsePrefix takes it: no spaces, no leading zero in the
+    prefix length (istio-iptables refuses both)."""
     address, slash, prefix = text.partition("/")
     if not slash or not _ADDRESS_CHARS.fullmatch(address) or not _DIGITS.fullmatch(prefix):
-        raise SpecError(field, text, "not a CIDR (expected ADDRESS/PREFIX, e.g. 10.0.0.0/8)")
+        raise SpecError(field, text, "not a CIDR (expected ADDRESS/PREFIX without spaces, e.g. 10.0.0.0/8)")
+    if not _DECIMAL.fullmatch(prefix):
+        raise SpecError(field, text, "a prefix length is written without leading zeros")
     try:
         return Cidr(ipaddress.ip_interface(text))
     except ValueError as exc:
@@ -114,12 +209,10 @@ def parse_cidr(field: str, text: str) -> Cidr:
 
 
 def parse_cidrs(field: str, text: str) -> tuple[Cidr, ...]:
+    """A comma list of CIDRs, in order, repeats kept."""
     if WILDCARD in text:
         raise SpecError(field, text, "'*' is not allowed here: list the CIDRs")
-    seen: dict[Cidr, None] = {}
-    for item in split_list(field, text):
-        seen.setdefault(parse_cidr(field, item), None)
-    return tuple(seen)
+    return tuple(parse_cidr(field, item) for item in split_list(field, text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,44 +231,50 @@ class CidrSelection:
 
 
 def parse_cidr_selection(field: str, text: str) -> CidrSelection:
-    if text.strip() == WILDCARD:
+    if text == WILDCARD:
         return CidrSelection(wildcard=True)
     return CidrSelection(cidrs=parse_cidrs(field, text))
 
 
 def parse_interfaces(field: str, text: str) -> tuple[str, ...]:
-    names: dict[str, None] = {}
-    for name in split_list(field, text, strip=" "):
+    """Interface names, in order, repeats kept; ``eth+`` is every interface whose name starts
+    with ``eth`` (iptables' wildcard; the nft renderer writes it as nft's ``"eth*"``)."""
+    names: list[str] = []
+    for item in split_list(field, text):
+        name = item.strip()
         if len(name) > MAX_INTERFACE_LEN:
             raise SpecError(field, name, f"an interface name has at most {MAX_INTERFACE_LEN} characters")
         if not _INTERFACE.fullmatch(name):
             raise SpecError(
-                field, name, "an interface name starts with a letter and holds only letters, digits, _ . -"
+                field,
+                name,
+                "an interface name starts with a letter and holds only letters, digits, _ . - "
+                "(and a '+' at the end, for all names that start so)",
             )
-        names.setdefault(name, None)
+        names.append(name)
     return tuple(names)
 
 
 def parse_ids(field: str, text: str, *, what: str) -> tuple[int, ...]:
-    ids: dict[int, None] = {}
-    for item in split_list(field, text):
-        ids.setdefault(parse_int(field, item, low=0, high=MAX_ID, what=what), None)
+    """UIDs or GIDs, in order, repeats kept."""
+    ids = tuple(parse_int(field, item, low=0, high=MAX_ID, what=what) for item in split_list(field, text))
     if not ids:
         raise SpecError(field, text, f"at least one {what} is needed")
-    return tuple(ids)
+    return ids
 
 
 def parse_groups(field: str, text: str) -> tuple[str, ...]:
     """Owner groups: numeric GIDs or POSIX group names (numbers are preferred: names resolve
-    in the node agent's /etc/group, not the pod's)."""
-    groups: dict[str, None] = {}
+    in the node agent's /etc/group, not the pod's), in order, repeats kept."""
+    groups: list[str] = []
     for item in split_list(field, text):
-        if _DIGITS.fullmatch(item):
-            groups.setdefault(str(parse_int(field, item, low=0, high=MAX_ID, what="a GID")), None)
-        elif _GROUP_NAME.fullmatch(item):
-            groups.setdefault(item, None)
+        group = item.strip()
+        if _DIGITS.fullmatch(group):
+            groups.append(str(parse_int(field, group, low=0, high=MAX_ID, what="a GID")))
+        elif _GROUP_NAME.fullmatch(group):
+            groups.append(group)
         else:
-            raise SpecError(field, item, "a group is a GID or a name like 'java' (lower case, digits, _ -)")
+            raise SpecError(field, group, "a group is a GID or a name like 'java' (lower case, digits, _ -)")
     return tuple(groups)
 
 
@@ -193,8 +292,11 @@ class DnsServer:
 
 
 def parse_dns_servers(field: str, text: str, *, version: Literal[4, 6]) -> tuple[DnsServer, ...]:
-    servers: dict[DnsServer, None] = {}
-    for item in split_list(field, text):
+    """DNS server addresses, in order, repeats kept (istio-iptables reads them from the pod's
+    resolv.conf, one rule per nameserver line)."""
+    servers: list[DnsServer] = []
+    for raw in split_list(field, text):
+        item = raw.strip()
         if not _ADDRESS_CHARS.fullmatch(item):
             raise SpecError(field, item, "not an IP address")
         try:
@@ -203,7 +305,7 @@ def parse_dns_servers(field: str, text: str, *, version: Literal[4, 6]) -> tuple
             raise SpecError(field, item, f"not an IP address: {exc}") from None
         if address.version != version:
             raise SpecError(field, item, f"not an IPv{version} address")
-        servers.setdefault(DnsServer(address, item), None)
+        servers.append(DnsServer(address, item))
     return tuple(servers)
 
 
