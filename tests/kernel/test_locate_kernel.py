@@ -36,7 +36,7 @@ class Node:
     cgroups: KubeletCgroups
 
 
-def _started(lab: Netlab, netns: str | None, cgroups: KubeletCgroups, **where: str) -> int:
+def _started(lab: Netlab, netns: str | None, cgroups: KubeletCgroups, **where: str | Driver) -> int:
     proc = lab.sleeper(netns)
     cgroups.place(proc.pid, **where)  # type: ignore[arg-type]
     time.sleep(0.03)  # start times tick every 10 ms: keep the ages apart
@@ -124,6 +124,65 @@ def test_each_cgroup_layout_is_recognised(
     cgroup_text = Path(f"/proc/{lab._processes[-1].pid}/cgroup").read_text()
     assert uid.replace("-", "_" if driver is Driver.SYSTEMD else "-") in cgroup_text
     assert found(uid, pod_ips=[pod.ipv4]) == netns_id_of(pod.path)
+
+
+KIND = (
+    "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-{qos}.slice/"
+    "kubelet-kubepods-{qos}-pod{u}.slice/{c}"
+)
+REAL_NODE = "ipnc-rn-x-node-1/kubepods/{qos}/pod{uid}/{c}"
+
+
+@pytest.mark.parametrize("tree", ["v2", "pids"])
+@pytest.mark.parametrize("layout", [KIND, REAL_NODE], ids=["kind-nested-systemd", "real-node-cgroupfs"])
+def test_a_nested_cgroup_root_is_recognised(
+    lab: Netlab, cgroups: KubeletCgroups, tree: str, layout: str
+) -> None:
+    if tree not in mounts():
+        pytest.skip(f"no {tree} cgroup tree mounted")
+    uid = str(uuid.uuid4())
+    pod = lab.add_pod("pod")
+    path = layout.format(qos="burstable", uid=uid, u=uid.replace("-", "_"), c="cri-containerd-ab.scope")
+    _started(lab, pod.path, cgroups, uid=uid, container="pause", tree=tree, path=path)
+    assert found(uid, pod_ips=[pod.ipv4]) == netns_id_of(pod.path)
+    assert found(uid, pod_ips=[pod.ipv4], scan_only=True) == netns_id_of(pod.path)
+
+
+def _no_scan(proc_root: str) -> list[int]:
+    raise AssertionError("scanned every process")
+
+
+@pytest.mark.parametrize("tree", ["v2", "pids"])
+def test_once_one_pod_is_found_the_next_ones_are_read_from_their_own_cgroup(
+    lab: Netlab, cgroups: KubeletCgroups, tree: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if tree not in mounts():
+        pytest.skip(f"no {tree} cgroup tree mounted")
+    first, second, hostnet = (str(uuid.uuid4()) for _ in range(3))
+    pods = {uid: lab.add_pod(f"p{i}") for i, uid in enumerate((first, second))}
+    for uid, qos in ((first, "besteffort"), (second, "guaranteed")):
+        _started(lab, pods[uid].path, cgroups, uid=uid, container="pause", tree=tree, qos=qos)
+        _started(lab, pods[uid].path, cgroups, uid=uid, container="app", tree=tree, qos=qos)
+    _started(lab, None, cgroups, uid=hostnet, container="pause", tree=tree, qos="burstable")
+    routes = locate.CgroupRoutes()
+    assert found(first, pod_ips=[pods[first].ipv4], routes=routes) == netns_id_of(pods[first].path)
+    assert [r.dir for r in routes.roots] == [f"{mounts()[tree]}/{cgroups.top}/kubepods.slice"]
+    monkeypatch.setattr(locate, "_all_pids", _no_scan)
+    assert found(second, pod_ips=[pods[second].ipv4], routes=routes) == netns_id_of(pods[second].path)
+    with pytest.raises(LocateError, match="host network namespace"):
+        found(hostnet, routes=routes)
+    with pytest.raises(LocateError, match="holds"):
+        found(second, pod_ips=[pods[first].ipv4], routes=routes)
+
+
+def test_the_pods_own_cgroup_gives_the_same_answer_as_the_scan(node: Node) -> None:
+    routes = locate.CgroupRoutes()
+    found(node.decoy_uid, routes=routes)  # teaches the layout
+    assert routes.roots
+    for ips in ([], [node.sandbox.ipv4], [node.stale.ipv6]):
+        assert found(node.target_uid, pod_ips=ips, routes=routes) == found(
+            node.target_uid, pod_ips=ips, scan_only=True
+        )
 
 
 def test_a_different_proc_root_is_used_for_paths(node: Node) -> None:
