@@ -6,7 +6,10 @@ What we pin here is the state of the kernel's tables as iptables-save shows it, 
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +20,8 @@ from istio_pod_network_controller.node.apply import Applier
 from istio_pod_network_controller.node.backend import Family, Tools
 from istio_pod_network_controller.node.errors import ApplyError, LocateError
 from istio_pod_network_controller.node.netns import Netns
-from istio_pod_network_controller.render import FamilyRules, Rule, Ruleset
+from istio_pod_network_controller.render import FamilyRules, Rule, Ruleset, render
+from istio_pod_network_controller.spec import parse_flags
 
 from .conftest import ruleset
 
@@ -285,3 +289,43 @@ def test_stale_ipv6_rules_are_removed_on_first_visit(pod_ns: Netns, backend_tool
     assert ours(pod_ns, backend_tools, Family.IPV6) != []
     Applier(backend_tools).apply(pod_ns, ruleset("-o", "9999"))
     assert ours(pod_ns, backend_tools, Family.IPV6) == []
+
+
+TPROXY_VECTORS = sorted(
+    path
+    for path in (Path(__file__).resolve().parents[1] / "conformance" / "istio-nftables").glob("*.json")
+    if "TPROXY" in json.loads(path.read_text())["args"]
+)
+
+
+def kernel_state(ns: Netns, tools: Tools) -> tuple[str, ...]:
+    """Both families' tables, the policy routes, and (nf_tables backend) every object's handle:
+    a rewrite of an unchanged rule gives it a new handle."""
+    state = [save(ns, tools), save(ns, tools, Family.IPV6)]
+    state += [ns.run(["ip", flag, "rule", "show"]).stdout for flag in ("-4", "-6")]
+    state += [ns.run(["ip", flag, "route", "show", "table", "all"]).stdout for flag in ("-4", "-6")]
+    if tools.backend.value == "nft":
+        listed = ns.run(["nft", "-a", "list", "ruleset"])
+        assert listed.ok, listed.reason()
+        state.append(re.sub(r"counter packets \d+ bytes \d+", "counter", listed.stdout))
+    return tuple(state)
+
+
+@pytest.mark.parametrize("path", TPROXY_VECTORS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("fresh", [True, False], ids=["believed-new", "re-check"])
+def test_a_new_process_reapplying_a_tproxy_ruleset_writes_nothing(
+    lab: Netlab, backend_tools: Tools, path: Path, fresh: bool
+) -> None:
+    args = json.loads(path.read_text())["args"]
+    rules = render(parse_flags(args))
+    with Netns(lab.add_netns("tproxy")) as ns:  # lo only: no packet moves a counter meanwhile
+        assert Applier(backend_tools).apply(ns, rules).changed
+        before = kernel_state(ns, backend_tools)
+        # Each applier stands for a new agent process: nothing cached, nothing remembered.
+        again = Applier(backend_tools).apply(ns, rules, fresh=fresh)
+        assert (again.changed, again.replaced) == (False, "")
+        assert kernel_state(ns, backend_tools) == before
+
+
+def test_there_are_tproxy_vectors() -> None:
+    assert len(TPROXY_VECTORS) >= 4
