@@ -44,6 +44,8 @@ from .node.programmer import NodeApplier, Planned
 from .observe import Metrics, ReconcileResult
 from .podfacts import NamespaceFacts, PodFacts, as_mapping, namespace_facts, pod_facts
 from .probe import VERIFY_KEY, probe_plan, waiter_ids
+from .refresh import DETAIL_KEY as REFRESH_KEY
+from .refresh import Leave, LookAgain, RefreshPolicy, refresh_step
 from .spec import RedirectSpec, SpecError, parse_flags, spec_from_pod
 from .spec.canonical import to_args
 from .workqueue import ShutDown, WorkQueue
@@ -62,6 +64,18 @@ class Outcome(enum.Enum):
         return ReconcileResult.SUCCESS if self is Outcome.DONE else ReconcileResult.REQUEUE
 
 
+@dataclass(frozen=True, slots=True)
+class After:
+    """Done for now, but look again in ``seconds`` (controller-runtime's RequeueAfter): a pod
+    whose waiter may still be waiting for the kubelet to show it the mark."""
+
+    seconds: float
+
+    @property
+    def result(self) -> ReconcileResult:
+        return ReconcileResult.REQUEUE_AFTER
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     node_name: str
@@ -76,6 +90,8 @@ class AgentConfig:
     reconcile_deadline_seconds: float = 60.0
     # The event loop must tick at least this often, or liveness turns red.
     stall_seconds: float = 10.0
+    # When to write a mark again while the pod's waiter still runs (see ``refresh``).
+    refresh: RefreshPolicy = field(default_factory=RefreshPolicy)
 
 
 Locator = Callable[[str, tuple[str, ...]], Netns]
@@ -134,6 +150,10 @@ class Programmed:
     detail: str = ""  # the detail annotation as we wrote it (or found it, intact)
     mark_version: str = ""
     mark_seen: bool = False
+    detail_fields: dict[str, Any] = field(default_factory=dict)  # ``detail``, parsed
+    written_at: float = 0.0  # the agent's clock when the mark was last written (or found)
+    nudges: int = 0  # marks written again for this sandbox because its waiter still ran
+    gave_up: bool = False  # every nudge spent and the waiter still ran (said once)
 
     def same_sandbox(self, ips: tuple[str, ...]) -> bool:
         """The pod still lives in the namespace we programmed (one stat, no scan): a recreated
@@ -168,6 +188,7 @@ class Agent:
     applier: NodeApplier[Any]
     metrics: Metrics = field(default_factory=Metrics)
     locator: Locator | None = None
+    clock: Callable[[], float] = time.monotonic  # for the refresh's waits (tests pass their own)
 
     def __post_init__(self) -> None:
         self.queue = WorkQueue(
@@ -220,7 +241,7 @@ class Agent:
 
     # -- the reconcile: decide -> locate -> plan -> apply -> report ----------------------------
 
-    async def reconcile(self, uid: str) -> Outcome:
+    async def reconcile(self, uid: str) -> Outcome | After:
         raw = self.pods.store.get(uid)
         if raw is None:
             self._forget(uid)
@@ -265,7 +286,7 @@ class Agent:
         ref: PodRef,
         netns: Netns,
         fields: dict[str, Any],
-    ) -> Outcome:
+    ) -> Outcome | After:
         """A sandbox this process has no record of: a new one (planned from the pod), or one a
         previous process marked (planned from the flags in that mark, then read back)."""
         marked = _marked_args(pod, netns.inode)
@@ -283,11 +304,13 @@ class Agent:
         if marked is not None and result.changed:
             self._drift_repaired(ref, result, fields)
         if marked is not None and not result.changed and read_detail(pod).get("rulesetSha256") == plan.sha:
-            # Intact and marked: nothing to write.
+            # Intact and marked: nothing to write (unless its waiter, still running, has not been
+            # shown the mark: the refresh below counts from now).
             record.detail, record.mark_seen = pod.annotations[names.DETAIL], True
+            record.detail_fields, record.written_at = read_detail(pod), self.clock()
             self._programmed[ref.uid] = record
             log.info("pod re-checked: rules intact", extra={**fields, "netnsInode": result.inode})
-            return Outcome.DONE
+            return await self._refresh(pod, ref, record, fields)
         return await self._mark(ref, record, result, fields, announce=True)
 
     async def _plan(
@@ -310,9 +333,9 @@ class Agent:
         *,
         recheck: bool,
         fields: dict[str, Any],
-    ) -> Outcome:
-        """A sandbox this process programmed: its rules read back when a re-check is due, and its
-        mark kept."""
+    ) -> Outcome | After:
+        """A sandbox this process programmed: its rules read back when a re-check is due, its
+        mark kept, and written again while its waiter has not been shown it (``_refresh``)."""
         if recheck:
             failed = await self._read_back(pod, ref, record, fields)
             if failed is not None:
@@ -323,8 +346,10 @@ class Agent:
         )
         if shown or (record.mark_version and pod.resource_version == record.mark_version):
             record.mark_seen = True  # equality only: resourceVersions are opaque
-        if shown or not (record.mark_seen or recheck):
-            return Outcome.DONE  # marked, or our own patch is still on its way back
+        if shown:
+            return await self._refresh(pod, ref, record, fields)
+        if not (record.mark_seen or recheck):
+            return Outcome.DONE  # our own patch is still on its way back
         log.warning("mark changed by someone else: writing it again", extra=fields)
         inode = record.netns.inode
         result = ApplyResult(record.netns_path, inode, self.applier.backend,
@@ -385,6 +410,7 @@ class Agent:
             self._programmed.pop(ref.uid, None)
             return Outcome.DONE
         record.detail, record.mark_version, record.mark_seen = written, version, False
+        record.detail_fields, record.written_at = detail, self.clock()
         # Recorded only once marked: a patch that fails (the API server away) leaves no record,
         # so the retry programs and marks the sandbox again instead of taking it for done.
         self._programmed[ref.uid] = record
@@ -401,6 +427,48 @@ class Agent:
             reason="Initialized",
             message=f"redirect rules applied and verified: {result.rules} rules in network namespace "
             f"{result.inode} ({result.mode} mode, {result.backend} backend, {result.milliseconds:.1f} ms)",
+        )
+        return Outcome.DONE
+
+    async def _refresh(
+        self, pod: PodFacts, ref: PodRef, record: Programmed, fields: dict[str, Any]
+    ) -> Outcome | After:
+        """The mark is on the pod as we wrote it. If the waiter still runs a while after that
+        write, the kubelet may have lost the update that should have rewritten its file: write
+        the mark again, changed (``refresh``: how many times), so that the kubelet syncs the pod
+        and rewrites the file. Bounded per sandbox; see ``refresh``."""
+        step = refresh_step(
+            waiter_running=pod.waiter_state == "running",
+            since_write=self.clock() - record.written_at,
+            nudges=record.nudges,
+            policy=self.config.refresh,
+        )
+        if isinstance(step, LookAgain):
+            return After(step.seconds)
+        if isinstance(step, Leave):
+            if step.gave_up and not record.gave_up:
+                record.gave_up = True
+                log.warning(
+                    "waiter still running after every refresh of the mark: left to the kubelet's "
+                    "periodic sync",
+                    extra={**fields, "netnsInode": record.netns.inode, "nudges": record.nudges},
+                )
+            return Outcome.DONE
+        detail = {**record.detail_fields, REFRESH_KEY: step.number}
+        written = status_patch(ref, names.STATUS_INITIALIZED, detail)["metadata"]["annotations"][names.DETAIL]
+        try:
+            version = await self.reporter.set_status(ref, names.STATUS_INITIALIZED, detail)
+        except PodGone:
+            self._programmed.pop(ref.uid, None)
+            return Outcome.DONE
+        record.detail, record.detail_fields = written, detail
+        record.mark_version, record.mark_seen = version, False
+        record.written_at, record.nudges = self.clock(), step.number
+        self.metrics.refresh_nudges.inc()
+        log.debug(
+            "waiter still running after the mark: mark written again so that the kubelet rewrites "
+            "the pod's downward API file",
+            extra={**fields, "netnsInode": record.netns.inode, "nudge": step.number},
         )
         return Outcome.DONE
 
@@ -476,7 +544,7 @@ class Agent:
                 uid = await self.queue.get()
             except ShutDown:
                 return
-            outcome: Outcome | None = None
+            outcome: Outcome | After | None = None
             started = time.monotonic()
             try:
                 outcome = await asyncio.wait_for(
@@ -496,7 +564,10 @@ class Agent:
                 self.metrics.observe_reconcile(result, time.monotonic() - started)
                 self.queue.done(uid)
                 try:
-                    if outcome is not Outcome.DONE and uid in self.pods.store:
+                    if isinstance(outcome, After) and uid in self.pods.store:
+                        self.queue.forget(uid)  # not a failure: the back-off starts again
+                        self.queue.add_after(uid, outcome.seconds)
+                    elif outcome is not Outcome.DONE and uid in self.pods.store:
                         self.queue.add_rate_limited(uid)
                     else:
                         self.queue.forget(uid)

@@ -176,6 +176,12 @@ class Metrics:
             "Programmed pods whose rules were found missing or changed and were applied again",
             registry=r,
         )
+        self.refresh_nudges = Counter(
+            "ipnc_mark_refresh_nudges",
+            "Marks written again because the pod's waiter was still running a while after the mark "
+            "(the kubelet had not rewritten its downward API file)",
+            registry=r,
+        )
         self.reconcile_deadline_exceeded = Counter(
             "ipnc_reconcile_deadline_exceeded",
             "Reconciles abandoned because they took longer than their deadline",

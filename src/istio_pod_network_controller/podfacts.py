@@ -156,9 +156,29 @@ class PodFacts(NamedTuple):
     proxy: Container | None = None
     istio_init: Container | None = None  # the first init container named istio-init
     waiter: Container | None = None  # the first init container named like ours
+    # The state the pod's status reports for that init container: "running", "waiting",
+    # "terminated", or "" when the status has none (or not one of these). Written by the kubelet;
+    # whoever may write pods/status can write it too, so it is only a hint of when to look again.
+    waiter_state: str = ""
     # The pod's own securityContext IDs: what a container that sets none inherits.
     run_as_user: RunAs = UNSET
     run_as_group: RunAs = UNSET
+
+
+CONTAINER_STATES = ("running", "waiting", "terminated")
+
+
+def _container_state(statuses: object, name: str) -> str:
+    """The state (one of CONTAINER_STATES) of the first container status named ``name``, or "".
+    A status with several states set reads as none: the kubelet sets exactly one."""
+    for item in as_list(statuses):
+        entry = as_mapping(item)
+        if entry.get("name") != name:
+            continue
+        state = as_mapping(entry.get("state"))
+        found = [s for s in CONTAINER_STATES if isinstance(state.get(s), Mapping)]
+        return found[0] if len(found) == 1 else ""
+    return ""
 
 
 def pod_facts(obj: object) -> PodFacts:
@@ -196,6 +216,7 @@ def pod_facts(obj: object) -> PodFacts:
         proxy=None if proxy is None else _container(proxy, security),
         istio_init=None if istio_init is None else _container(istio_init, security),
         waiter=None if waiter is None else _container(waiter, security),
+        waiter_state=_container_state(status.get("initContainerStatuses"), WAITER_CONTAINER),
         run_as_user=_run_as("runAsUser", {}, security),
         run_as_group=_run_as("runAsGroup", {}, security),
     )

@@ -37,6 +37,7 @@ EXPECTED = {
     "ipnc_events_dropped_total": ("counter", {"reason"}),
     "ipnc_drift_repaired_total": ("counter", set()),
     "ipnc_reconcile_deadline_exceeded_total": ("counter", set()),
+    "ipnc_mark_refresh_nudges_total": ("counter", set()),
 }
 
 QUEUE = {"name": CONTROLLER, "controller": CONTROLLER}
@@ -75,6 +76,7 @@ def test_labels_are_the_documented_ones() -> None:
     metrics.queue_metrics().add()
     metrics.drift_repaired.inc()
     metrics.reconcile_deadline_exceeded.inc()
+    metrics.refresh_nudges.inc()
     metrics.initialized.inc()
     metrics.apply_seconds.observe(0.01)
     metrics.pods_watched.set(1)
