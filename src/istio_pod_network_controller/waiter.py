@@ -388,8 +388,15 @@ def planned_check(detail: Mapping[str, Any], *, uid: int, gid: int) -> Probe | S
     return check_for(plan, uid=uid, gid=gid)
 
 
+# The modes an agent writes in the detail's "mode"; anything else in that key is not repeated.
+KNOWN_MODES = ("iptables", "nftables")
+
+
 def _applied(detail: Mapping[str, Any]) -> str:
     parts = []
+    mode = detail.get("mode")
+    if mode in KNOWN_MODES:
+        parts.append(f"{mode} mode")
     sha = detail.get("rulesetSha256")
     if isinstance(sha, str) and sha:
         parts.append(f"ruleset {sha[:12]}")
