@@ -706,6 +706,7 @@ def test_helm_lint_is_clean(settings: list[str]) -> None:
         ("kubernetesDistrib=OpenShift", "additional properties 'kubernetesDistrib' not allowed"),
         ("markProtection.enabled=maybe", "at '/markProtection/enabled': got string, want boolean"),
         ("markProtection.enable=false", "at '/markProtection': additional properties 'enable' not allowed"),
+        ("nativeNftables=maybe", "at '/nativeNftables': got string, want boolean"),
     ],
 )
 def test_schema_rejects_bad_values_naming_them(setting: str, expected: str) -> None:
@@ -974,3 +975,23 @@ def test_mark_protection_off_renders_no_policy_and_old_clusters_need_it_off() ->
     assert "set markProtection.enabled=false" in old.stderr
     args = ["template", "--kube-version", "1.29.4", "--set", "markProtection.enabled=false"]
     assert chart.helm(*args, str(chart.chart_dir())).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("values", "native"),
+    [
+        ({}, False),
+        ({"nativeNftables": True}, True),
+        ({"global.nativeNftables": True}, True),
+        ({"nativeNftables": False, "global.nativeNftables": False}, False),
+    ],
+    ids=["default", "nativeNftables", "global.nativeNftables", "both-false"],
+)
+def test_native_nftables_reaches_the_agent(values: dict[str, bool], native: bool) -> None:
+    from istio_pod_network_controller.commands import run
+
+    objects = chart.parse(chart.template(RELEASE_NS, values))
+    args = one(objects, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert ("--native-nftables" in args) is native
+    assert run.build_parser().parse_args(args[1:]).native_nftables is native
+    assert "--iptables-backend=auto" in args  # still the iptables variant, unused in nftables mode

@@ -17,12 +17,13 @@ from ..node.apply import Applier
 from ..node.backend import Backend, detect
 from ..node.errors import LocateError, NodeError
 from ..node.netns import Netns
-from ..render import Ruleset, render
+from ..node.nft import NftApplier
+from ..render import render
 from ..spec import OutOfScope, RedirectSpec, SpecError
 from ..spec.flags import add_redirect_flags, check_arg_count
 from ..spec.manifest import ManifestError
 from .common import Parser, UsageError, wants_help
-from .rules import add_manifest_flags, manifest_spec, report, spec_from_cli
+from .rules import add_manifest_flags, add_mode_flag, manifest_spec, report, spec_from_cli
 
 
 def _own_flags(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +42,12 @@ def _own_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--proc-root", default="/proc", help="the host's /proc (default /proc)")
     parser.add_argument(
-        "--backend", choices=("auto", "nft", "legacy"), default="auto", help="iptables backend"
+        "--backend",
+        choices=("auto", "nft", "legacy"),
+        default="auto",
+        help="iptables backend (iptables mode only)",
     )
+    add_mode_flag(parser)
     add_manifest_flags(parser)
 
 
@@ -82,6 +87,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, RedirectSpec]:
         if "--output" in rest:
             raise SpecError("--output", "", "apply always prints one JSON line")
         _, spec = spec_from_cli(rest)
+    if args.native_nftables and args.backend != "auto":
+        why = "--backend chooses the iptables variant; not with --native-nftables"
+        raise SpecError("--backend", args.backend, why)
     chosen = [name for name in ("netns", "pid", "pod_uid") if getattr(args, name) not in (None, "")]
     if len(chosen) != 1:
         raise SpecError("--netns/--pid/--pod-uid", "", "give exactly one way to find the namespace")
@@ -104,11 +112,16 @@ def open_namespace(args: argparse.Namespace) -> Netns:
     return locate.by_pod_uid(args.pod_uid, pod_ips=args.pod_ip, proc_root=args.proc_root)
 
 
-def run(args: argparse.Namespace, ruleset: Ruleset) -> dict[str, object]:
+def run(args: argparse.Namespace, spec: RedirectSpec) -> dict[str, object]:
+    """Apply ``spec`` in the mode the flags name; the summary says which."""
+    if args.native_nftables:
+        nft = NftApplier()
+        with open_namespace(args) as ns:
+            return nft.apply(ns, nft.render(spec)).summary()
     forced = None if args.backend == "auto" else Backend(args.backend)
     applier = Applier(detect(forced=forced))
     with open_namespace(args) as ns:
-        return applier.apply(ns, ruleset).summary()
+        return applier.apply(ns, render(spec)).summary()
 
 
 def main(argv: list[str]) -> int:
@@ -120,7 +133,7 @@ def main(argv: list[str]) -> int:
     except (OutOfScope, SpecError, ManifestError, UsageError) as exc:
         return report("apply", exc)
     try:
-        summary = run(args, render(spec))
+        summary = run(args, spec)
     except NodeError as exc:
         print(json.dumps({"ok": False, "step": exc.step, "reason": exc.reason}))
         print(f"{PROG} apply: failed at {exc.step}: {exc.reason}", file=sys.stderr)

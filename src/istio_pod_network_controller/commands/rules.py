@@ -9,7 +9,8 @@ import sys
 from ..cli import EXIT_OK, EXIT_OUT_OF_SCOPE, PROG
 from ..decide import scope_problem
 from ..podfacts import AnyNamespace, AnyPod, PodFacts, namespace_facts, pod_facts
-from ..render import Ruleset, render
+from ..render import Ruleset, TproxyRoute, render
+from ..render.nftables import NftRuleset, render_nftables
 from ..spec import OutOfScope, RedirectSpec, SpecError, spec_from_pod
 from ..spec.flags import FLAGS, add_redirect_flags, check_arg_count, normalize_argv, spec_from_args
 from ..spec.manifest import ManifestError, load_object, load_pod
@@ -22,11 +23,13 @@ SpecProblem = OutOfScope | SpecError | ManifestError | UsageError
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=f"{PROG} rules",
-        description="Print the iptables-restore rulesets (IPv4, IPv6) for istio-iptables flags or a pod.",
+        description="Print the iptables-restore rulesets (IPv4, IPv6), or with --native-nftables the nft "
+        "transaction, for istio-iptables flags or a pod.",
         allow_abbrev=False,
     )
     add_manifest_flags(parser)
     parser.add_argument("--output", choices=("text", "json"), default="text", help="output format")
+    add_mode_flag(parser)
     add_redirect_flags(parser)
     return parser
 
@@ -37,6 +40,16 @@ def add_manifest_flags(parser: argparse.ArgumentParser) -> None:
         "--pod", metavar="FILE", help="a Pod or workload manifest (JSON or YAML; - for stdin)"
     )
     parser.add_argument("--namespace", metavar="FILE", help="the pod's Namespace object (with --pod)")
+
+
+def add_mode_flag(parser: argparse.ArgumentParser) -> None:
+    """``--native-nftables``: Istio's native nftables mode instead of iptables (`rules`, `apply`)."""
+    parser.add_argument(
+        "--native-nftables",
+        action="store_true",
+        help="Istio's native nftables mode: one nft transaction (tables inet istio-proxy-*) instead "
+        "of iptables-restore rulesets",
+    )
 
 
 def spec_for_manifest(pod: AnyPod, namespace: AnyNamespace) -> RedirectSpec:
@@ -97,6 +110,23 @@ def format_text(ruleset: Ruleset) -> str:
     return "".join(parts)
 
 
+def format_nftables(ruleset: NftRuleset) -> str:
+    parts = ["# nftables: nft -f -\n", ruleset.text() or "# (no rules)\n"]
+    parts += _outside(ruleset.tproxy, ruleset.ipv6_passthrough_address)
+    return "".join(parts)
+
+
+def _outside(tproxy: TproxyRoute | None, passthrough: bool) -> list[str]:
+    """What the mode needs outside the packet filter, as comment lines."""
+    parts = []
+    if tproxy:
+        parts.append(f"# policy route: ip rule add fwmark {tproxy.mark} lookup {tproxy.table}; "
+                     f"ip route add local default dev lo table {tproxy.table}\n")  # fmt: skip
+    if passthrough:
+        parts.append("# address: ip -6 addr add ::6/128 dev lo\n")
+    return parts
+
+
 def main(argv: list[str]) -> int:
     if wants_help(argv):
         build_parser().print_help()
@@ -105,6 +135,13 @@ def main(argv: list[str]) -> int:
         args, spec = spec_from_cli(argv)
     except (OutOfScope, SpecError, ManifestError, UsageError) as exc:
         return report("rules", exc)
+    if args.native_nftables:
+        nft = render_nftables(spec)
+        if args.output == "json":
+            print(json.dumps({**nft.to_json(), "spec": spec.to_json()}, indent=2))
+        else:
+            sys.stdout.write(format_nftables(nft))
+        return EXIT_OK
     ruleset = render(spec)
     if args.output == "json":
         doc = {"iptables": ruleset.iptables, "ip6tables": ruleset.ip6tables, "spec": spec.to_json()}

@@ -6,13 +6,14 @@ import argparse
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..cli import EXIT_FAILURE, EXIT_OK, PROG
 from .common import Parser, count, excluded_namespaces, fail, parse, port, positive_seconds, stop_requested
 
 if TYPE_CHECKING:
     from ..node.netns import Netns
+    from ..node.programmer import NodeApplier
 
 log = logging.getLogger("istio_pod_network_controller.run")
 
@@ -21,6 +22,24 @@ DEFAULT_LISTEN = "[::]:15300"  # every address, IPv6 and IPv4 (IPv4 only where I
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
+
+
+NATIVE_NFTABLES_ENV = "IPNC_NATIVE_NFTABLES"
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
+
+def env_flag(name: str) -> bool:
+    """A boolean environment variable; a value that is neither true nor false is refused when the
+    command line is read (see ``check_env``), and reads as false until then."""
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def check_env() -> str | None:
+    """What is wrong with the boolean environment variables, or None."""
+    value = os.environ.get(NATIVE_NFTABLES_ENV, "")
+    if value.strip().lower() not in (*_TRUE, *_FALSE):
+        return f"{NATIVE_NFTABLES_ENV}: not true or false: {value[:40]!r}"
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "nft", "legacy"),
         default=_env("IPNC_IPTABLES_BACKEND", "auto"),
         help="iptables backend inside pods (env IPNC_IPTABLES_BACKEND; default auto: the node's)",
+    )
+    p.add_argument(
+        "--native-nftables",
+        action="store_true",
+        default=env_flag(NATIVE_NFTABLES_ENV),
+        help="Istio's native nftables mode: tables inet istio-proxy-* written with nft, instead of "
+        f"iptables (env {NATIVE_NFTABLES_ENV}=true; default off, as Istio's values.global.nativeNftables)",
     )
     p.add_argument(
         "--workers",
@@ -98,6 +124,26 @@ def _host_netns(proc_root: str) -> Netns | None:
         return None
 
 
+def _applier(args: argparse.Namespace) -> NodeApplier[Any]:
+    """The mode the flags name. Not chosen from what the node runs: Istio's mode is one setting
+    for the whole mesh (values.global.nativeNftables), see docs/node-side.md."""
+    from ..node.apply import Applier
+    from ..node.backend import Backend, detect
+
+    if args.native_nftables:
+        from ..node.nft import NftApplier
+
+        return NftApplier()
+    forced = None if args.iptables_backend == "auto" else Backend(args.iptables_backend)
+    host = _host_netns(args.proc_root)
+    try:
+        tools = detect(forced=forced, host=host)
+    finally:
+        if host is not None:
+            host.close()
+    return Applier(tools)
+
+
 def listen_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[IPV6]:PORT``; an empty host is every IPv4 address)."""
     host, sep, number = text.rpartition(":")
@@ -107,6 +153,9 @@ def listen_address(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str]) -> int:
+    problem = check_env()
+    if problem is not None:
+        return fail("run", problem)
     args = parse("run", build_parser(), argv)
     if isinstance(args, int):
         return args
@@ -124,19 +173,11 @@ def main(argv: list[str]) -> int:
 async def _run(args: argparse.Namespace) -> int:
     from ..agent import Agent, AgentConfig
     from ..cluster.api import Api, ApiError
-    from ..node.apply import Applier
-    from ..node.backend import Backend, detect
     from ..node.errors import NodeError
     from ..observe import HealthServer, Metrics
 
     try:
-        forced = None if args.iptables_backend == "auto" else Backend(args.iptables_backend)
-        host = _host_netns(args.proc_root)
-        try:
-            tools = detect(forced=forced, host=host)
-        finally:
-            if host is not None:
-                host.close()
+        applier = _applier(args)
         api = Api.from_kubeconfig(args.kubeconfig)
     except (NodeError, ApiError, OSError, ValueError) as exc:
         log.error("cannot start", extra={"error": str(exc)})
@@ -149,12 +190,13 @@ async def _run(args: argparse.Namespace) -> int:
         resync_seconds=args.resync_seconds,
     )
     metrics = Metrics()
-    agent = Agent(config, api, Applier(tools), metrics)
+    agent = Agent(config, api, applier, metrics)
     health = HealthServer(args.listen_address, metrics, healthy=agent.healthy, ready=agent.ready.is_set)
     health.start()
     stop = stop_requested()
     host = args.listen_address[0]
-    log.info("starting", extra={"node": config.node_name, "listen": f"{host}:{health.port}"})
+    where = {"node": config.node_name, "listen": f"{host}:{health.port}"}
+    log.info("starting", extra={**where, "mode": applier.mode, "backend": applier.backend})
     starting = agent.launch()
     await stop.wait()
     log.info("signal received: draining")
