@@ -204,8 +204,8 @@ def describe_difference(want: Owned, got: Owned, limit: int = 4) -> str:
 
 
 class Session(Protocol):
-    """nft in one namespace: ``run`` takes a script (text, or JSON commands) and returns what
-    nft said; ``json_output`` asks for JSON (for ``list``)."""
+    """nft in one namespace: ``run`` takes a script and returns what nft said. ``json_output``
+    asks for JSON output (for ``list``) and lets nft read the script as JSON commands."""
 
     def run(self, script: str, *, json_output: bool = False) -> Completed: ...
 
@@ -597,7 +597,7 @@ class NftApplier:
         return True
 
     def _undo_create(self, nft: Session) -> None:
-        nft.run(restore_transaction(Owned()))
+        nft.run(restore_transaction(Owned()), json_output=True)  # JSON in: nft then reads JSON
 
     def _read(self, nft: Session, step: str) -> Owned:
         listed = nft.run(LIST, json_output=True)
@@ -635,7 +635,7 @@ class NftApplier:
             try:
                 now = self._read(nft, "rollback")
                 if not now.same_rules(work.before):
-                    undone = nft.run(restore_transaction(work.before))
+                    undone = nft.run(restore_transaction(work.before), json_output=True)
                     if not undone.ok:
                         problems.append(f"nftables: {undone.reason()}")
             except NodeError as exc:

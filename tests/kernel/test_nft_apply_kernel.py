@@ -1,0 +1,261 @@
+"""NftApplier in real namespaces: re-apply writes nothing, drift is repaired, others' tables are
+left alone, a failed transaction or verification leaves the previous state, and both ways of
+running nft (libnftables in process, the nft binary) leave the same tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from ipnc_dev.netlab import Netlab
+from istio_pod_network_controller.node.errors import ApplyError, NodeError
+from istio_pod_network_controller.node.netns import Completed, Netns
+from istio_pod_network_controller.node.nft import (
+    LibRunner,
+    NftApplier,
+    NftPlan,
+    ProcessRunner,
+    Runner,
+    Session,
+)
+from istio_pod_network_controller.spec import parse_flags
+
+from .conftest import SIDECAR, _needs_root
+
+pytestmark = pytest.mark.kernel
+
+# A table of someone else's (a CNI plugin's, an admin's), and an iptables-nft rule.
+FOREIGN = """table inet cni-firewall {
+    chain input { type filter hook input priority 0; policy accept; tcp dport 7777 counter drop; }
+    chain output { type nat hook output priority -100; tcp dport 7778 counter return; }
+}
+"""
+
+
+def runners() -> list[object]:
+    found: list[object] = [pytest.param(ProcessRunner, id="nft-binary")]
+    try:
+        LibRunner()
+    except NodeError:
+        return found
+    return [pytest.param(LibRunner, id="libnftables"), *found]
+
+
+@pytest.fixture(params=runners())
+def runner(request: pytest.FixtureRequest) -> Runner:
+    _needs_root()
+    made: Runner = request.param()
+    return made
+
+
+@pytest.fixture
+def pod_ns(lab: Netlab) -> Iterator[Netns]:
+    """lo only: no packet moves a counter between two listings."""
+    with Netns(lab.add_netns("pod")) as ns:
+        yield ns
+
+
+def plan(*extra: str) -> NftPlan:
+    return NftPlan.of(NftApplier(ProcessRunner()).render(parse_flags([*SIDECAR, *extra])).ruleset)
+
+
+def listing(ns: Netns, *, handles: bool = False) -> str:
+    """The whole ruleset as nft prints it; counters taken out; handles kept when asked."""
+    listed = ns.run(["nft", *(["-a"] if handles else []), "list", "ruleset"])
+    assert listed.ok, listed.reason()
+    return re.sub(r"counter packets \d+ bytes \d+", "counter", listed.stdout)
+
+
+def ours(ns: Netns) -> str:
+    """Our tables only, without handles: what a namespace programmed from scratch also holds."""
+    text = listing(ns)
+    blocks = re.findall(r"^table inet istio-proxy-\S+ \{.*?^\}$", text, flags=re.S | re.M)
+    return "\n".join(sorted(blocks))
+
+
+def nft(ns: Netns, script: str) -> None:
+    done = ns.run(["nft", "-f", "-"], stdin=script)
+    assert done.ok, done.reason()
+
+
+def test_same_spec_twice_writes_nothing_even_from_a_new_applier(pod_ns: Netns, runner: Runner) -> None:
+    rules = plan("--ipv6", "-m", "TPROXY", "--redirect-dns", "--drop-invalid")
+    first = NftApplier(runner).apply(pod_ns, rules)
+    before = (
+        listing(pod_ns, handles=True),
+        pod_ns.run(["ip", "rule"]).stdout,
+        pod_ns.run(["ip", "-6", "addr"]).stdout,
+    )
+    for fresh in (True, False):
+        again = NftApplier(runner).apply(pod_ns, rules, fresh=fresh)  # a restarted agent
+        assert (again.changed, again.replaced, again.mode) == (False, "", "nftables")
+    after = (
+        listing(pod_ns, handles=True),
+        pod_ns.run(["ip", "rule"]).stdout,
+        pod_ns.run(["ip", "-6", "addr"]).stdout,
+    )
+    assert first.changed
+    assert after == before
+
+
+def test_both_runners_leave_the_same_tables(lab: Netlab) -> None:
+    _needs_root()
+    try:
+        library = LibRunner()
+    except NodeError:
+        pytest.skip("libnftables is not installed")
+    rules = plan("--ipv6", "-m", "TPROXY", "--redirect-dns", "--capture-all-dns")
+    with Netns(lab.add_netns("lib")) as one, Netns(lab.add_netns("bin")) as two:
+        NftApplier(library).apply(one, rules)
+        NftApplier(ProcessRunner()).apply(two, rules)
+        assert ours(one) == ours(two) != ""
+
+
+def test_changed_spec_leaves_exactly_what_a_fresh_namespace_gets(lab: Netlab, runner: Runner) -> None:
+    applier = NftApplier(runner)
+    big = plan(
+        "--ipv6", "-m", "TPROXY", "--drop-invalid", "--redirect-dns", "--capture-all-dns", "-c", "eth9"
+    )
+    small = plan("-b", "8080", "-i", "10.0.0.0/8")
+    with Netns(lab.add_netns("reused")) as reused, Netns(lab.add_netns("fresh")) as fresh:
+        applier.apply(reused, big)
+        assert "istio-proxy-mangle" in ours(reused) and "istio-proxy-raw" in ours(reused)
+        result = applier.apply(reused, small, fresh=False)
+        assert result.changed and "tables" in result.replaced
+        applier.apply(fresh, small)
+        assert ours(reused) == ours(fresh)
+        assert "133" not in reused.run(["ip", "rule", "show"]).stdout
+
+
+def test_tables_of_others_are_left_alone(pod_ns: Netns, runner: Runner) -> None:
+    nft(pod_ns, FOREIGN)
+    assert pod_ns.run(
+        ["iptables-nft", "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "9", "-j", "RETURN"]
+    ).ok
+    theirs = listing(pod_ns)
+    applier = NftApplier(runner)
+    applier.apply(pod_ns, plan("--ipv6", "-m", "TPROXY", "--drop-invalid"))
+    applier.apply(pod_ns, plan("-c", "eth9"), fresh=False)
+    applier.apply(pod_ns, plan("-c", "eth9"), fresh=False)
+    without_ours = re.sub(r"^table inet istio-proxy-\S+ \{.*?^\}\n", "", listing(pod_ns), flags=re.S | re.M)
+    assert without_ours == theirs
+
+
+def test_drift_is_repaired_and_named(pod_ns: Netns, runner: Runner) -> None:
+    rules = plan("--redirect-dns")
+    NftApplier(runner).apply(pod_ns, rules)
+    intact = ours(pod_ns)
+    nft(pod_ns, "flush chain inet istio-proxy-nat istio-output\nadd table inet istio-proxy-mangle\n")
+    assert ours(pod_ns) != intact
+    repaired = NftApplier(runner).apply(pod_ns, rules, fresh=False)
+    assert repaired.changed
+    assert "istio-proxy-nat istio-output: 0 rules instead of" in repaired.replaced
+    assert "tables" in repaired.replaced  # the stray mangle table
+    assert ours(pod_ns) == intact
+
+
+def test_a_ruleset_the_kernel_refuses_is_refused_untouched(pod_ns: Netns, runner: Runner) -> None:
+    NftApplier(runner).apply(pod_ns, plan())
+    before = listing(pod_ns, handles=True)
+    good = plan("-o", "9999")
+    broken = dataclasses.replace(
+        good, text=good.text + "add rule inet istio-proxy-nat no-such-chain counter\n"
+    )
+    with pytest.raises(ApplyError) as failed:
+        NftApplier(runner).apply(pod_ns, broken, fresh=False)
+    assert failed.value.step == "prepare"
+    assert "no-such-chain" in failed.value.reason or "No such file" in failed.value.reason
+    assert listing(pod_ns, handles=True) == before
+
+
+class FailingWrites:
+    """The real runner, but the transaction that replaces our tables carries one more command
+    the kernel refuses: a failure after the read, at the write, as a full netlink buffer or a
+    missing module would give."""
+
+    def __init__(self, inner: Runner) -> None:
+        self.inner, self.name = inner, inner.name
+
+    def within(self, ns: Netns, body: Any) -> Any:
+        return self.inner.within(ns, lambda session: body(_Sabotaged(session)))
+
+    def scratch(self, body: Any) -> Any:
+        return self.inner.scratch(body)
+
+
+class _Sabotaged:
+    def __init__(self, inner: Session) -> None:
+        self.inner = inner
+
+    def run(self, script: str, *, json_output: bool = False) -> Completed:
+        if script.startswith("add table"):  # the replace transaction
+            script += "add rule inet istio-proxy-nat no-such-chain counter\n"
+        return self.inner.run(script, json_output=json_output)
+
+
+def test_a_failed_transaction_leaves_the_previous_tables(pod_ns: Netns, runner: Runner) -> None:
+    NftApplier(runner).apply(pod_ns, plan("--ipv6", "-m", "TPROXY"))
+    before = listing(pod_ns, handles=True), pod_ns.run(["ip", "rule"]).stdout
+    with pytest.raises(ApplyError) as failed:
+        NftApplier(FailingWrites(runner)).apply(pod_ns, plan("--ipv6", "--drop-invalid"), fresh=False)
+    assert failed.value.step == "nft"
+    assert "previous rules restored" in failed.value.reason
+    assert (listing(pod_ns, handles=True), pod_ns.run(["ip", "rule"]).stdout) == before
+
+
+def test_tampering_seen_at_read_back_rolls_back_to_the_previous_tables(pod_ns: Netns, runner: Runner) -> None:
+    NftApplier(runner).apply(pod_ns, plan("--redirect-dns", "-o", "9999"))
+    before = ours(pod_ns)
+
+    def tamper(step: str, ns: Netns) -> None:
+        if step == "verify":
+            nft(ns, "flush chain inet istio-proxy-nat istio-redirect\n")
+
+    with pytest.raises(ApplyError) as failed:
+        NftApplier(runner, on_step=tamper).apply(pod_ns, plan("--drop-invalid"), fresh=False)
+    assert failed.value.step == "verify"
+    assert "istio-redirect" in failed.value.reason and "previous rules restored" in failed.value.reason
+    assert ours(pod_ns) == before
+
+
+def test_tampering_on_a_new_namespace_rolls_back_to_nothing(pod_ns: Netns, runner: Runner) -> None:
+    def tamper(step: str, ns: Netns) -> None:
+        if step == "verify":
+            nft(ns, "add rule inet istio-proxy-nat istio-output counter accept\n")
+
+    with pytest.raises(ApplyError) as failed:
+        NftApplier(runner, on_step=tamper).apply(pod_ns, plan())
+    assert failed.value.step == "verify"
+    assert ours(pod_ns) == ""
+
+
+def test_namespace_deleted_mid_apply_gives_a_clear_error(lab: Netlab, runner: Runner) -> None:
+    path = lab.add_netns("doomed")
+
+    def vanish(step: str, ns: Netns) -> None:
+        if step == "write":
+            lab.remove_netns(path)
+
+    with Netns(path) as ns, pytest.raises(ApplyError) as failed:
+        NftApplier(runner, on_step=vanish).apply(ns, plan())
+    assert "vanished" in failed.value.reason
+
+
+def test_the_verification_reference_is_what_the_kernel_lists(pod_ns: Netns, runner: Runner) -> None:
+    applier = NftApplier(runner)
+    rules = plan("--ipv6", "--redirect-dns")
+    applier.apply(pod_ns, rules)
+    reference = applier.expected.get(rules.text)
+    assert reference is not None
+    listed = json.loads(pod_ns.run(["nft", "-j", "list", "ruleset"]).stdout)["nftables"]
+    kinds: dict[str, int] = {}
+    for item in listed:
+        ((kind, _),) = item.items()
+        kinds[kind] = kinds.get(kind, 0) + 1
+    assert len(reference.items) == kinds["table"] + kinds["chain"] + kinds["rule"]
+    assert sum(1 for kind, _ in reference.items if kind == "rule") == rules.rule_count()
