@@ -96,3 +96,35 @@ def test_the_host_namespace_is_refused(capsys: pytest.CaptureFixture[str]) -> No
     code, summary, _ = run(capsys, "--pid", str(os.getpid()), *SIDECAR)
     assert code == 1
     assert summary is not None and summary["step"] == "locate"
+
+
+def our_tables(path: str) -> str:
+    argv = ["nsenter", f"--net={path}", "nft", "list", "tables"]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout  # noqa: S603
+
+
+def test_apply_native_nftables_applies_verifies_and_names_the_mode(
+    lab: Netlab, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = lab.add_netns("pod")
+    code, summary, _ = run(capsys, "--native-nftables", "--netns", path, *SIDECAR)
+    assert code == 0 and summary is not None
+    assert (summary["ok"], summary["mode"], summary["backend"], summary["changed"]) == (
+        True, "nftables", "nftables", True,
+    )  # fmt: skip
+    assert "table inet istio-proxy-nat" in our_tables(path)
+    assert our_rules(path) == []  # no iptables rule of ours
+    code, summary, _ = run(capsys, "--native-nftables", "--netns", path, *SIDECAR)
+    assert code == 0 and summary is not None and summary["changed"] is False
+
+
+@pytest.mark.parametrize("bad", [["-b", "0x50"], ["-m", "tproxy"], ["-i", "10.0.0.0/08"], ["--frobnicate"]])
+def test_apply_native_nftables_refuses_bad_input_and_writes_nothing(
+    lab: Netlab, capsys: pytest.CaptureFixture[str], bad: list[str]
+) -> None:
+    path = lab.add_netns("pod")
+    iptables_mode = run(capsys, "--netns", path, *SIDECAR, *bad)
+    nft_mode = run(capsys, "--native-nftables", "--netns", path, *SIDECAR, *bad)
+    assert nft_mode[0] == iptables_mode[0] == 2
+    assert nft_mode[2] == iptables_mode[2] and nft_mode[2].count("\n") == 1
+    assert our_tables(path) == "" and our_rules(path) == []
