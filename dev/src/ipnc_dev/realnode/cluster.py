@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import json
 import os
 import secrets
 import shutil
@@ -120,6 +121,16 @@ class Node:
         return self.plan.name
 
 
+@dataclass(frozen=True)
+class Sandbox:
+    """A pod sandbox as the node's containerd shows it: its ID, the PID of its pause process and
+    the inode of its network namespace (what the agent's mark must name)."""
+
+    id: str
+    pid: int
+    netns_inode: int
+
+
 def _stderr(line: str) -> None:
     print(f"[realnode] {line}", file=sys.stderr, flush=True)
 
@@ -161,6 +172,7 @@ class RealCluster:
         self._bin: dict[str, Path] = {}
         self._before: hoststate.HostState | None = None
         self._procs: dict[str, Proc] = {}
+        self._replaced: set[str] = set()  # stopped on purpose and started again under a new name
         self._hierarchies: list[Path] = []
         self._identities: dict[str, Identity] = {}
         self._stopped = False
@@ -602,8 +614,11 @@ class RealCluster:
             )
 
     def check_alive(self) -> None:
-        """Raise ``RealClusterError`` (with its log) if a process of the cluster has exited."""
+        """Raise ``RealClusterError`` (with its log) if a process of the cluster has exited (one
+        a restart replaced does not count)."""
         for proc in self._procs.values():
+            if proc.name in self._replaced:
+                continue
             code = proc.exited()
             if code is not None:
                 raise RealClusterError(f"{proc.name} exited with {code}:\n{proc.tail()}")
@@ -651,6 +666,150 @@ class RealCluster:
 
         if not wait_until(exists, timeout, interval=0.2):
             raise RealClusterError(f"ServiceAccount {namespace}/{name} not created in {timeout:g} s")
+
+    # -- what scenarios do to a running node ----------------------------------------------------
+
+    def restart_containerd(self, node: Node, *, timeout: float = SOCKET_TIMEOUT) -> None:
+        """SIGTERM ``node``'s containerd (SIGKILL after ``STOP_SECONDS``), start it again with the
+        same configuration and wait until its CRI answers. Shims and containers live on."""
+        old = node.containerd
+        if old is None:
+            raise RealClusterError(f"{node.name} has no containerd")
+        node.containerd = self._restart(old)
+        if not wait_until(lambda: self._cri_answers(node), timeout, interval=0.2):
+            raise RealClusterError(
+                f"containerd of {node.name} did not answer crictl within {timeout:g} s of its restart:\n"
+                f"{node.containerd.tail()}"
+            )
+
+    def restart_kubelet(self, node: Node, *, timeout: float = SOCKET_TIMEOUT) -> None:
+        """SIGTERM ``node``'s kubelet, start it again with the same flags and wait until it
+        serves (its /healthz, through the API server's node proxy). Pods live on."""
+        old = node.kubelet
+        if old is None:
+            raise RealClusterError(f"{node.name} has no kubelet")
+        node.kubelet = self._restart(old)
+
+        def serving() -> bool:
+            self.check_alive()
+            done = self.kubectl("get", "--raw", f"/api/v1/nodes/{node.name}/proxy/healthz", check=False)
+            return done.returncode == 0 and done.stdout.strip() == "ok"
+
+        if not wait_until(serving, timeout, interval=0.25):
+            raise RealClusterError(
+                f"the kubelet of {node.name} did not serve /healthz within {timeout:g} s of its "
+                f"restart:\n{node.kubelet.tail()}"
+            )
+
+    def _restart(self, old: Proc) -> Proc:
+        """``old`` stopped (by its PID) and the same program started again under a new name."""
+        self._replaced.add(old.name)
+        killed = stop_all([old])
+        if killed:
+            self.say(f"killed after {STOP_SECONDS:g} s: {', '.join(killed)}")
+        base = old.name.split("#", 1)[0]
+        count = sum(1 for name in self._procs if name.split("#", 1)[0] == base)
+        return self._spawn(f"{base}#{count + 1}", old.argv, env=old.env)
+
+    def _cri_answers(self, node: Node) -> bool:
+        if node.containerd is not None and node.containerd.exited() is not None:
+            raise RealClusterError(f"containerd of {node.name} exited: {node.containerd.tail()}")
+        return self.crictl(node, "version", timeout=10).returncode == 0
+
+    def sandbox(self, node: Node, pod_uid: str) -> Sandbox:
+        """The pod's one ready sandbox on ``node``: its ID, its pause process and the inode of
+        its network namespace (the machine's PID namespace is the nodes' too)."""
+        label = f"io.kubernetes.pod.uid={pod_uid}"
+        listed = self.crictl(node, "pods", "--label", label, "--state", "ready", "-q")
+        ids = listed.stdout.split() if listed.returncode == 0 else []
+        if len(ids) != 1:
+            raise RealClusterError(
+                f"pod {pod_uid} has {len(ids)} ready sandboxes on {node.name}, not one: "
+                f"{(listed.stdout + listed.stderr).strip()}"
+            )
+        inspected = self.crictl(node, "inspectp", "-o", "json", ids[0])
+        try:
+            pid = int(json.loads(inspected.stdout)["info"]["pid"])
+        except (ValueError, KeyError, TypeError):
+            raise RealClusterError(
+                f"crictl inspectp {ids[0]} on {node.name} gave no PID: {inspected.stderr.strip()}"
+            ) from None
+        self._own_pid(node, pid)
+        return Sandbox(ids[0], pid, ns_of(pid, "net").inode)
+
+    def stop_sandbox(self, node: Node, sandbox_id: str) -> None:
+        """``crictl stopp``: the sandbox's containers stopped, its network namespace torn down
+        (CNI DEL); the kubelet then makes the pod a new sandbox."""
+        done = self.crictl(node, "stopp", sandbox_id, timeout=120)
+        if done.returncode != 0:
+            raise RealClusterError(f"crictl stopp {sandbox_id} on {node.name}: {done.stderr.strip()}")
+
+    def container_pid(self, node: Node, pod_uid: str, container: str) -> int:
+        """PID (in the machine's namespace) of the running container ``container`` of the pod."""
+        listed = self.crictl(
+            node, "ps", "--label", f"io.kubernetes.pod.uid={pod_uid}", "--name", f"^{container}$",
+            "--state", "running", "-q",
+        )  # fmt: skip
+        ids = listed.stdout.split() if listed.returncode == 0 else []
+        if len(ids) != 1:
+            raise RealClusterError(
+                f"pod {pod_uid} has {len(ids)} running {container} containers on {node.name}: "
+                f"{(listed.stdout + listed.stderr).strip()}"
+            )
+        inspected = self.crictl(node, "inspect", "-o", "json", ids[0])
+        try:
+            pid = int(json.loads(inspected.stdout)["info"]["pid"])
+        except (ValueError, KeyError, TypeError):
+            raise RealClusterError(f"crictl inspect {ids[0]} on {node.name} gave no PID") from None
+        self._own_pid(node, pid)
+        return pid
+
+    def signal_container(self, node: Node, pod_uid: str, container: str, signum: signal.Signals) -> int:
+        """Send ``signum`` to the main process of a container on ``node`` (one the harness's
+        containerd started: checked against the node's cgroups); returns its PID."""
+        pid = self.container_pid(node, pod_uid, container)
+        os.kill(pid, signum)
+        return pid
+
+    def signal_pid(self, node: Node, pid: int, signum: signal.Signals) -> None:
+        """Send ``signum`` to ``pid``, a process of one of ``node``'s containers (checked); one
+        that is gone meanwhile is not an error."""
+        self._own_pid(node, pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    def _own_pid(self, node: Node, pid: int) -> None:
+        if pid not in pids_in_cgroups(node.cgroups):
+            raise RealClusterError(f"PID {pid} is not in the cgroups of {node.name}: not ours to touch")
+
+    def node_processes(self, node: Node) -> dict[int, str]:
+        """Every process in ``node``'s cgroups (its containers), with its command line."""
+        out: dict[int, str] = {}
+        for pid in pids_in_cgroups(node.cgroups):
+            try:
+                raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue  # gone meanwhile
+            out[pid] = raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
+        return out
+
+    def in_netns(self, pid: int, *argv: str, timeout: float = COMMAND_TIMEOUT) -> str:
+        """Run ``argv`` (a host binary) in the network namespace of ``pid``; its stdout."""
+        return self._run(["nsenter", f"--net=/proc/{pid}/ns/net", "--", *argv], timeout=timeout)
+
+    def drain(self, node: Node, *, timeout: float = 120.0) -> None:
+        """``kubectl drain``: cordoned, every pod but the DaemonSets' evicted (PodDisruptionBudgets
+        respected); waits until they are gone."""
+        done = self.kubectl(
+            "drain", node.name, "--ignore-daemonsets", "--delete-emptydir-data",
+            f"--timeout={int(timeout)}s", check=False, timeout=timeout + 30,
+        )  # fmt: skip
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).strip()[-2000:]
+            raise RealClusterError(f"kubectl drain {node.name}: {output}")
+
+    def uncordon(self, node: Node) -> None:
+        self.kubectl("uncordon", node.name)
 
     # -- stop ------------------------------------------------------------------------------------
 

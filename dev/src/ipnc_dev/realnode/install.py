@@ -115,3 +115,129 @@ def describe(cluster: RealCluster, namespace: str) -> str:
         done = cluster.kubectl("-n", namespace, *args, check=False)
         parts.append((done.stdout + done.stderr).strip()[-4000:])
     return "\n".join(parts)
+
+
+def upgrade(
+    cluster: RealCluster,
+    release: Release,
+    values: Mapping[str, str | int | bool],
+) -> None:
+    """``helm upgrade`` the release with ``values`` over the image's (does not wait: the caller
+    decides what happens during the rollout, then calls ``wait_rolled_out``)."""
+    settings = {**image_values(release.image), **values}
+    if release.fullname != chart.CHART_NAME:
+        settings.setdefault("fullnameOverride", release.fullname)
+    chart.helm(
+        "upgrade", RELEASE, str(chart.chart_dir()), "-n", release.namespace, *chart.set_args(settings),
+        kubeconfig=cluster.kubeconfig_path, env=cluster.helm_env(), timeout=120,
+    )  # fmt: skip
+
+
+def wait_rolled_out(cluster: RealCluster, release: Release, *, timeout: float = ROLLOUT_TIMEOUT) -> None:
+    """Until the agent DaemonSet and the webhook Deployment run their current template only: every
+    pod updated and ready, none of an older revision left."""
+    from lightkube.resources.apps_v1 import DaemonSet, Deployment
+
+    nodes = len(cluster.nodes)
+
+    def done() -> bool:
+        with cluster.client() as client:
+            ds = client.get(DaemonSet, release.agent, namespace=release.namespace)
+            dep = client.get(Deployment, release.webhook, namespace=release.namespace)
+        d, w = ds.status, dep.status
+        if d is None or w is None or ds.metadata is None or dep.metadata is None:
+            return False
+        wanted = (dep.spec.replicas if dep.spec else None) or 1
+        return (
+            d.observedGeneration == ds.metadata.generation
+            and d.updatedNumberScheduled == nodes
+            and d.numberReady == nodes
+            and d.currentNumberScheduled == nodes
+            and w.observedGeneration == dep.metadata.generation
+            and w.updatedReplicas == wanted
+            and w.availableReplicas == wanted
+            and (w.replicas or 0) == wanted
+        )
+
+    if not wait_until(done, timeout, interval=0.5):
+        raise InstallError(
+            f"the chart's upgrade did not roll out in {timeout:g} s:\n{describe(cluster, release.namespace)}"
+        )
+
+
+@dataclass(frozen=True)
+class Installed:
+    """What the release put in the cluster (``helm get manifest``) and on the nodes (the UIDs of
+    its pods, whose folders the kubelets keep), recorded before an uninstall to check after it."""
+
+    objects: tuple[tuple[str, str, str], ...]  # (kind, namespace or "", name)
+    pod_uids: tuple[str, ...]
+
+
+def installed(cluster: RealCluster, release: Release) -> Installed:
+    from lightkube.resources.core_v1 import Pod
+
+    manifest = chart.helm(
+        "get", "manifest", RELEASE, "-n", release.namespace,
+        kubeconfig=cluster.kubeconfig_path, env=cluster.helm_env(),
+    ).stdout  # fmt: skip
+    objects = tuple(
+        (
+            str(o["kind"]),
+            str(o.get("metadata", {}).get("namespace") or ""),
+            str(o["metadata"]["name"]),
+        )
+        for o in chart.parse(manifest)
+    )
+    with cluster.client() as client:
+        listed = client.list(Pod, namespace=release.namespace)
+        uids = tuple(p.metadata.uid for p in listed if p.metadata and p.metadata.uid)
+    return Installed(objects, uids)
+
+
+def uninstall(cluster: RealCluster, release: Release, *, timeout: float = ROLLOUT_TIMEOUT) -> None:
+    """``helm uninstall --wait``, then the release namespace (install() made it) and wait until
+    it is gone, with every pod of the chart."""
+    chart.helm(
+        "uninstall", RELEASE, "-n", release.namespace, "--wait", f"--timeout={int(timeout)}s",
+        kubeconfig=cluster.kubeconfig_path, env=cluster.helm_env(), timeout=timeout + 30,
+    )  # fmt: skip
+    cluster.kubectl("delete", "namespace", release.namespace, "--wait=false")
+
+    def gone() -> bool:
+        done = cluster.kubectl("get", "namespace", release.namespace, check=False)
+        return done.returncode != 0 and "NotFound" in done.stderr
+
+    if not wait_until(gone, timeout, interval=0.5):
+        raise InstallError(
+            f"namespace {release.namespace} still there {timeout:g} s after helm uninstall:\n"
+            f"{describe(cluster, release.namespace)}"
+        )
+
+
+def leftovers(cluster: RealCluster, release: Release, before: Installed) -> list[str]:
+    """What of the release is still there after ``uninstall``, one line each: objects of its
+    manifest (the webhook configuration, the mark policy and its binding, RBAC, ...) and its
+    namespace in the API; on the nodes, a process running our image's program and a kubelet pod
+    folder of one of its pods (where its emptyDir volumes lived; its one hostPath, /proc, is
+    mounted read-only)."""
+    found: list[str] = []
+    for kind, namespace, name in before.objects:
+        args = ["get", kind, name, "-o", "name", *(["-n", namespace] if namespace else [])]
+        done = cluster.kubectl(*args, check=False)
+        if done.returncode == 0:
+            found.append(f"{kind} {namespace + '/' if namespace else ''}{name} is still in the API")
+        elif "NotFound" not in done.stderr:
+            found.append(f"cannot tell whether {kind} {name} is gone: {done.stderr.strip()}")
+    ns = cluster.kubectl("get", "namespace", release.namespace, check=False)
+    if ns.returncode == 0:
+        found.append(f"namespace {release.namespace} is still in the API")
+    for node in cluster.nodes:
+        for pid, cmdline in cluster.node_processes(node).items():
+            if chart.CHART_NAME in cmdline:
+                found.append(f"{node.name}: process {pid} still runs {cmdline!r}")
+        pods_dir = node.plan.dir / "kubelet" / "pods"
+        for uid in before.pod_uids:
+            if (pods_dir / uid).exists():
+                found.append(f"{node.name}: the kubelet still has {pods_dir / uid}")
+    return found

@@ -60,6 +60,7 @@ class PodView:
     init_containers: Mapping[str, Container]
     containers: Mapping[str, Container]
     logs: Mapping[str, str] = field(default_factory=dict)
+    deleting: bool = False
 
     @property
     def detail(self) -> dict[str, Any]:
@@ -116,6 +117,7 @@ def view(pod: Any) -> PodView:
         annotations=dict(meta.annotations or {}),
         init_containers=_containers(status.initContainerStatuses if status else None),
         containers=_containers(status.containerStatuses if status else None),
+        deleting=meta.deletionTimestamp is not None,
     )
 
 
@@ -129,9 +131,15 @@ def pods(cluster: RealCluster, namespace: str, *, labels: Mapping[str, str] | No
         )
 
 
-def deploy(cluster: RealCluster, injected_dir: Path, *, namespace: str = workload.NAMESPACE) -> int:
-    """Namespace, CA ConfigMap, Service, then Istio's Deployments (``workload.SOURCES``) once the
-    webhook answers; waits until every pod runs. Returns the number of pods."""
+def deploy(
+    cluster: RealCluster,
+    injected_dir: Path,
+    *,
+    namespace: str = workload.NAMESPACE,
+    sources: Sequence[tuple[str, int]] = workload.SOURCES,
+) -> int:
+    """Namespace, CA ConfigMap, Service, then Istio's Deployments (``sources``: file and replicas)
+    once the webhook answers; waits until every pod runs. Returns the number of pods."""
     from lightkube import ApiError
     from lightkube.resources.core_v1 import Pod
 
@@ -162,10 +170,10 @@ def deploy(cluster: RealCluster, injected_dir: Path, *, namespace: str = workloa
         workload.runnable(
             workload.load(injected_dir / source), images=images, replicas=replicas, namespace=namespace
         )
-        for source, replicas in workload.SOURCES
+        for source, replicas in sources
     ]
     cluster.kubectl("apply", "-f", "-", input=_dump(deployments))
-    expected = sum(replicas for _, replicas in workload.SOURCES)
+    expected = sum(replicas for _, replicas in sources)
     wait_running(cluster, namespace, expected)
     return expected
 
@@ -173,9 +181,12 @@ def deploy(cluster: RealCluster, injected_dir: Path, *, namespace: str = workloa
 def wait_running(
     cluster: RealCluster, namespace: str, expected: int, timeout: float = RUNNING_TIMEOUT
 ) -> None:
+    """Until exactly ``expected`` pods are in ``namespace``, all Running and Ready, none deleting."""
+
     def all_running() -> bool:
         found = pods(cluster, namespace)
-        return len(found) == expected and all(p.phase == "Running" and p.ready for p in found)
+        settled = all(p.phase == "Running" and p.ready and not p.deleting for p in found)
+        return len(found) == expected and settled
 
     if not wait_until(all_running, timeout, interval=1.0):
         raise MeshError(

@@ -50,6 +50,9 @@ class Proc:
         self.name = name
         self.argv = list(argv)
         self.log_path = log_path
+        # Kept so that the same program can be started again (a restart scenario).
+        self.env = dict(env) if env is not None else None
+        self.cwd = cwd
         self._log: IO[bytes] = log_path.open("ab")
         try:
             self.popen = subprocess.Popen(  # noqa: S603 - argument lists of binaries we built or chose

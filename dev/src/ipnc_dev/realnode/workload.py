@@ -198,3 +198,41 @@ def intercepted(reply: Mapping[str, Any], *, pod: str, service_ip: str) -> bool:
         and reply.get("token") == f"{TOKEN_PREFIX}{pod}"
         and reply.get("pod") == pod
     )
+
+
+PLAIN_NAMESPACE = "plain"
+
+
+def plain_objects(
+    image: str, *, namespace: str = PLAIN_NAMESPACE, name: str = "plain"
+) -> list[dict[str, Any]]:
+    """A namespace that did not opt in and a DaemonSet in it whose pods only sleep (one on every
+    node, and a drain leaves them be): the agent must never write a rule into their network
+    namespaces, and nothing of ours may be found there."""
+    labels = {"app": name}
+    container = {
+        "name": "sleep",
+        "image": image,
+        "imagePullPolicy": "Never",
+        "command": ["sh", "-c", "trap 'exit 0' TERM; sleep 2147483647 & wait"],
+        "securityContext": copy.deepcopy(dict(RESTRICTED_CONTAINER)),
+    }
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
+        {
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": {
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "terminationGracePeriodSeconds": 1,
+                        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+                        "containers": [container],
+                    },
+                },
+            },
+        },
+    ]
