@@ -159,6 +159,17 @@ def test_drift_is_repaired_and_named(pod_ns: Netns, runner: Runner) -> None:
     assert ours(pod_ns) == intact
 
 
+def test_a_stray_table_of_ours_in_a_namespace_believed_new_is_replaced(lab: Netlab, runner: Runner) -> None:
+    # An older ruleset's mangle table, no nat table: the create-only batch succeeds, and the
+    # read-back finds the stray table and replaces it.
+    with Netns(lab.add_netns("stray")) as stray, Netns(lab.add_netns("clean")) as clean:
+        nft(stray, "add table inet istio-proxy-mangle\nadd chain inet istio-proxy-mangle istio-drop\n")
+        result = NftApplier(runner).apply(stray, plan())
+        assert result.changed and "tables" in result.replaced
+        NftApplier(runner).apply(clean, plan())
+        assert ours(stray) == ours(clean)
+
+
 def test_a_ruleset_the_kernel_refuses_is_refused_untouched(pod_ns: Netns, runner: Runner) -> None:
     NftApplier(runner).apply(pod_ns, plan())
     before = listing(pod_ns, handles=True)
@@ -258,4 +269,4 @@ def test_the_verification_reference_is_what_the_kernel_lists(pod_ns: Netns, runn
         ((kind, _),) = item.items()
         kinds[kind] = kinds.get(kind, 0) + 1
     assert len(reference.items) == kinds["table"] + kinds["chain"] + kinds["rule"]
-    assert sum(1 for kind, _ in reference.items if kind == "rule") == rules.rule_count()
+    assert sum(1 for item in reference.items if item.kind == "rule") == rules.rule_count()

@@ -52,7 +52,7 @@ def test_only_our_inet_tables_count_as_ours() -> None:
     owned = Owned.from_listing(
         listing(NAT, OUTPUT, OTHERS, OTHERS_RULE, IP_NAT, rule("istio-proxy-nat", "istio-output", RETURN))
     )
-    assert [kind for kind, _ in owned.items] == ["table", "chain", "rule"]
+    assert [item.kind for item in owned.items] == ["table", "chain", "rule"]
     assert owned.tables() == {"istio-proxy-nat"}
 
 
@@ -111,11 +111,13 @@ def test_tproxy_families_come_from_our_tproxy_chain() -> None:
     assert Owned.from_listing(listing(NAT, OUTPUT)).tproxy_families() == []
 
 
-def test_create_transaction_fails_on_any_table_of_ours_and_drops_the_unused_ones() -> None:
+def test_create_transaction_creates_the_plans_tables_and_deletes_nothing() -> None:
     lines = create_transaction(plan()).splitlines()
-    assert lines[:3] == [f"create table inet {name}" for name in OUR_TABLES]
-    assert lines[3:5] == ["delete table inet istio-proxy-mangle", "delete table inet istio-proxy-raw"]
-    assert "\n".join(lines[5:]) + "\n" == plan().text
+    assert lines[:1] == ["create table inet istio-proxy-nat"]
+    assert "\n".join(lines[1:]) + "\n" == plan().text
+    assert not any(line.startswith("delete") for line in lines)
+    tproxy = create_transaction(plan("-m", "TPROXY")).splitlines()
+    assert tproxy[:2] == ["create table inet istio-proxy-nat", "create table inet istio-proxy-mangle"]
 
 
 def test_replace_transaction_empties_all_our_tables_then_writes_the_plan() -> None:

@@ -25,7 +25,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -110,12 +110,39 @@ def _ours(kind: str, body: dict[str, Any]) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Owned:
-    """Our tables in one namespace: ``items`` as listed (handles dropped, counters kept: what a
-    rollback writes back), and a canonical form for comparison (tables and chains as sets, each
-    chain's rules in order, counters zeroed)."""
+class Item:
+    """One listed object of ours: its kind, table, chain ("" for a table), the body as nft
+    listed it (what a rollback writes back, counters included, handles dropped then), and the
+    body without handles and counter values as text (what comparisons use)."""
 
-    items: tuple[tuple[str, str], ...] = ()  # (kind, JSON body), in listing order
+    kind: str
+    table: str
+    chain: str
+    body: dict[str, Any]
+    stable: str
+
+
+@dataclass(frozen=True, slots=True)
+class Owned:
+    """Our tables in one namespace, in listing order. Compared canonically: tables and chains
+    as sets, each chain's rules in order, handles and counter values left out."""
+
+    items: tuple[Item, ...] = ()
+    key: tuple[tuple[str, ...], tuple[tuple[tuple[str, str], tuple[str, ...]], ...]] = field(
+        default=((), ()), compare=False
+    )
+
+    @classmethod
+    def of(cls, items: Iterable[Item]) -> Owned:
+        kept = tuple(items)
+        objects: list[str] = []
+        rules: dict[tuple[str, str], list[str]] = {}
+        for item in kept:
+            if item.kind == "rule":
+                rules.setdefault((item.table, item.chain), []).append(item.stable)
+            else:
+                objects.append(f"{item.kind} {item.stable}")
+        return cls(kept, (tuple(sorted(objects)), tuple(sorted((k, tuple(v)) for k, v in rules.items()))))
 
     @classmethod
     def from_listing(cls, text: str) -> Owned:
@@ -127,46 +154,41 @@ class Owned:
                 raise TypeError("not a list")
         except (ValueError, TypeError, KeyError) as exc:
             raise ApplyError("read", f"nft listing is not the expected JSON: {exc}") from None
-        items: list[tuple[str, str]] = []
+        items: list[Item] = []
         for obj in objects:
             if not isinstance(obj, dict) or len(obj) != 1:
                 continue
             ((kind, body),) = obj.items()
             if kind == "metainfo" or not isinstance(body, dict) or not _ours(kind, body):
                 continue
-            items.append((kind, json.dumps(_without_handles(body), sort_keys=True)))
-        return cls(tuple(items))
+            table = str(body.get("name") if kind == "table" else body.get("table"))
+            chain = str(body.get("chain", body.get("name", ""))) if kind != "table" else ""
+            items.append(Item(kind, table, chain, body, json.dumps(_stable(body), sort_keys=True)))
+        return cls.of(items)
 
     def is_empty(self) -> bool:
         return not self.items
 
     def canonical(self) -> tuple[tuple[str, ...], dict[tuple[str, str], tuple[str, ...]]]:
-        objects: list[str] = []
-        rules: dict[tuple[str, str], list[str]] = {}
-        for kind, body in self.items:
-            loaded = json.loads(body)
-            stable = json.dumps(_stable(loaded), sort_keys=True)
-            if kind == "rule":
-                rules.setdefault((str(loaded.get("table")), str(loaded.get("chain"))), []).append(stable)
-            else:
-                objects.append(f"{kind} {stable}")
-        return tuple(sorted(objects)), {k: tuple(v) for k, v in rules.items()}
+        return self.key[0], dict(self.key[1])
 
     def same_rules(self, other: Owned) -> bool:
-        return self.canonical() == other.canonical()
+        return self.key == other.key
 
     def tables(self) -> set[str]:
-        return {str(json.loads(body).get("name")) for kind, body in self.items if kind == "table"}
+        return {item.table for item in self.items if item.kind == "table"}
+
+    def within(self, names: set[str]) -> Owned:
+        """Only the items of the tables named."""
+        return Owned.of(item for item in self.items if item.table in names)
 
     def tproxy_families(self) -> list[Family]:
         """Families our TPROXY chain diverts (where a policy route of ours may be left)."""
         found: list[Family] = []
-        for kind, body in self.items:
-            if kind != "rule":
+        for item in self.items:
+            if (item.kind, item.table, item.chain) != ("rule", _MANGLE, _TPROXY_CHAIN):
                 continue
-            loaded = json.loads(body)
-            if loaded.get("table") != _MANGLE or loaded.get("chain") != _TPROXY_CHAIN:
-                continue
+            loaded = item.body
             for expr in loaded.get("expr", ()):
                 tproxy = expr.get("tproxy") if isinstance(expr, dict) else None
                 if isinstance(tproxy, dict):
@@ -177,7 +199,7 @@ class Owned:
 
     def restore_commands(self) -> list[dict[str, Any]]:
         """JSON commands that recreate exactly these items (counters included)."""
-        return [{"add": {kind: json.loads(body)}} for kind, body in self.items]
+        return [{"add": {item.kind: _without_handles(item.body)}} for item in self.items]
 
 
 def describe_difference(want: Owned, got: Owned, limit: int = 4) -> str:
@@ -416,9 +438,10 @@ class ExpectedCache:
 
 def create_transaction(plan: NftPlan) -> str:
     """For a namespace believed to hold nothing of ours: ``create table`` fails (and with it the
-    whole batch, before anything is committed) if one of our tables is there."""
-    lines = [f"create table {FAMILY} {t}" for t in OUR_TABLES]
-    lines += [f"delete table {FAMILY} {t}" for t in OUR_TABLES if t not in plan.tables()]
+    whole batch, before anything is committed) if one of the plan's tables is there. Nothing is
+    deleted: a deletion makes the kernel's release of our netlink socket wait a grace period
+    (~10 ms); a table of ours the plan does not use shows in the read-back, which replaces it."""
+    lines = [f"create table {FAMILY} {t}" for t in plan.tables()]
     return "\n".join(lines) + "\n" + plan.text
 
 
@@ -582,22 +605,38 @@ class NftApplier:
             work.added_passthrough = added.ok
             if not added.ok and not exists:
                 if created.ok:
-                    self._undo_create(nft)
+                    self._undo_create(nft, plan)
                 raise ApplyError("passthrough address", added.reason())
         if not created.ok:
             return False
         work.before, work.written = Owned(), True
         self._step("verify", ns)
         try:
-            self._verify(nft, want)
+            got = self._read(nft, "verify")
+            planned = set(plan.tables())
+            if not got.within(planned).same_rules(want):
+                difference = describe_difference(want, got.within(planned))
+                raise ApplyError("verify", f"nftables differs from the intended: {difference}")
+            strays = got.within(set(OUR_TABLES) - planned)
+            if not strays.is_empty():
+                # Tables of ours the plan does not use were there before (an older ruleset's):
+                # what stood there is those, and one more batch replaces them.
+                work.before = strays
+                work.replaced.append(f"nftables: {describe_difference(want, got)}")
+                self._step("write", ns)
+                done = nft.run(replace_transaction(plan))
+                if not done.ok:
+                    raise ApplyError("nft", done.reason())
+                self._step("verify", ns)
+                self._verify(nft, want)
             self._check_still_there(ns)
         except NodeError as exc:
             rollback = self._rollback(ns, nft, work)
             raise ApplyError(exc.step, self._gone_or(ns, exc.reason) + rollback) from None
         return True
 
-    def _undo_create(self, nft: Session) -> None:
-        nft.run(restore_transaction(Owned()), json_output=True)  # JSON in: nft then reads JSON
+    def _undo_create(self, nft: Session, plan: NftPlan) -> None:
+        nft.run("".join(f"delete table {FAMILY} {t}\n" for t in plan.tables()))
 
     def _read(self, nft: Session, step: str) -> Owned:
         listed = nft.run(LIST, json_output=True)
