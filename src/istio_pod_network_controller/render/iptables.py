@@ -81,10 +81,13 @@ def _port(port: Port) -> str:
 
 def check_iptables_mode(spec: RedirectSpec) -> None:
     """Raise SpecError for what iptables mode cannot write although the spec holds it (and
-    istio-iptables' iptables mode fails on too): nft's range spelling, too many owner groups."""
+    istio-iptables' iptables mode fails on too): nft's range spelling where a port is written,
+    too many included owner groups."""
+    # The excluded inbound ports are written only with '*' (istio-iptables ignores them otherwise).
+    excluded = spec.inbound_ports_exclude if spec.inbound_ports.wildcard else ()
     lists: tuple[tuple[str, tuple[Port, ...]], ...] = (
         ("-b", spec.inbound_ports.ports),
-        ("-d", spec.inbound_ports_exclude),
+        ("-d", excluded),
         ("-q", spec.outbound_ports_include),
         ("-o", spec.outbound_ports_exclude),
         ("-e", (spec.inbound_tunnel_port,)),
