@@ -48,7 +48,8 @@ class IdleProcesses:
         tree = mounts().get("pids") or mounts().get("v2")
         if tree is None:
             raise SystemExit("no pids or cgroup2 hierarchy mounted")
-        cgroup = tree / f"ipnc-bench-{secrets.token_hex(3)}"
+        # The test tiers' throw-away name, which the real-node harness's host check expects.
+        cgroup = tree / f"ipnc-test-{secrets.token_hex(3)}"
         cgroup.mkdir()  # fails if it exists: never an existing cgroup
         made = cls(cgroup, [])
         try:
