@@ -456,9 +456,13 @@ async def run(cp: ControlPlane, args: argparse.Namespace, variants: list[Variant
         "workers": args.workers,
         "load_start": load(),
     }
+    what = [f"{args.pods}-pod bursts x {args.repeats}"] if args.pods else []
+    what += [f"{args.rss_pods} pods for RSS"] if args.rss_pods else []
+    rate_list = ",".join(f"{r:g}" for r in args.steady)
+    what += [f"steady {rate_list}/s for {args.steady_seconds:g} s"] if args.steady else []
     print(
-        f"agent vs floor: {args.pods}-pod bursts x {args.repeats}, {args.workers} workers, "
-        f"controllers {[v.name for v in variants]}  [{load()}]",
+        f"agent vs floor: {'; '.join(what)}; {args.workers} workers; controllers "
+        f"{[v.name for v in variants]}  [{load()}]",
         flush=True,
     )
     if args.pods:
