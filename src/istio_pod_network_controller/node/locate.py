@@ -16,6 +16,7 @@ checked against its own ``/proc/PID/cgroup`` before it counts.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import os
 import posixpath
@@ -38,7 +39,7 @@ _QOS = ("besteffort", "burstable")
 # "-" ("kubelet-kubepods-besteffort-pod<uid_>.slice" under /kubelet.slice).
 _SYSTEMD_STEM = re.compile(r"^(?:[^/]*-)?kubepods(?:-besteffort|-burstable)?$")
 
-# Bounds on what one pod's cgroup directory may make us read.
+# Bounds on what one pod's cgroup directory may make us read; past them, the scan decides.
 _MAX_POD_DIRS = 64
 _MAX_POD_DEPTH = 3
 _MAX_PROCS_BYTES = 256 * 1024
@@ -192,27 +193,36 @@ def _mounts_of(mounts: list[CgroupMount], controllers: str) -> Iterator[CgroupMo
             yield mount
 
 
-def _read_procs(path: str) -> list[int]:
+def _read_procs(path: str) -> list[int] | None:
+    """The PIDs of one ``cgroup.procs``; None when it is longer than we read."""
     with open(path, "rb") as f:
-        data = f.read(_MAX_PROCS_BYTES)
+        data = f.read(_MAX_PROCS_BYTES + 1)
+    if len(data) > _MAX_PROCS_BYTES:
+        return None
     return [int(x) for x in data.split() if x.isdigit()]
 
 
-def pids_under(directory: str) -> list[int]:
-    """PIDs in ``directory``'s ``cgroup.procs`` and its sub-cgroups' (bounded in depth, count
-    and bytes); [] when it does not exist."""
+def pids_under(directory: str) -> list[int] | None:
+    """PIDs in ``directory``'s ``cgroup.procs`` and its sub-cgroups', breadth first (the
+    containers before anything they nest); [] when it does not exist. None when the bounds (depth,
+    directories, bytes) left part of it unread: then only a scan sees every process."""
     pids: list[int] = []
-    stack, seen = [(directory, 0)], 0
-    while stack and seen < _MAX_POD_DIRS:
-        current, depth = stack.pop()
+    queue, seen = collections.deque([(directory, 0)]), 0
+    while queue:
+        if seen == _MAX_POD_DIRS:
+            return None
+        current, depth = queue.popleft()
         seen += 1
         try:
-            pids.extend(_read_procs(f"{current}/cgroup.procs"))
-            if depth < _MAX_POD_DEPTH:
-                with os.scandir(current) as entries:
-                    stack.extend((e.path, depth + 1) for e in entries if e.is_dir(follow_symlinks=False))
+            listed = _read_procs(f"{current}/cgroup.procs")
+            with os.scandir(current) as entries:
+                children = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
         except OSError:
             continue  # gone meanwhile, or not there at all
+        if listed is None or (children and depth == _MAX_POD_DEPTH):
+            return None
+        pids.extend(listed)
+        queue.extend((child, depth + 1) for child in children)
     return pids
 
 
@@ -233,16 +243,19 @@ class CgroupRoutes:
     def roots(self) -> tuple[KubeletRoot, ...]:
         return self._roots
 
-    def pids(self, uid: str) -> list[int]:
+    def pids(self, uid: str) -> list[int] | None:
         """PIDs in pod ``uid``'s cgroup under every learned root (unverified: the caller
-        checks each against its own /proc/PID/cgroup)."""
+        checks each against its own /proc/PID/cgroup); None when one was too big to read whole."""
         found: list[int] = []
         for root in self._roots:
             if not os.path.isdir(root.dir):
                 self._forget(root)  # the kubelet's root went away (or was never its)
                 continue
             for directory in root.pod_dirs(uid):
-                found.extend(pids_under(directory))
+                pids = pids_under(directory)
+                if pids is None:
+                    return None
+                found.extend(pids)
         return found
 
     def _forget(self, root: KubeletRoot) -> None:
@@ -356,8 +369,9 @@ def pod_candidates(
 def _find(uid: str, proc_root: str, routes: CgroupRoutes | None) -> tuple[_Gathered, bool]:
     """The pod's processes, and whether they came from a full scan."""
     hosts = host_netns_ids(proc_root)
-    if routes is not None:
-        via_cgroup = _gather(uid, set(routes.pids(uid)), proc_root, hosts)
+    listed = routes.pids(uid) if routes is not None else None
+    if listed:
+        via_cgroup = _gather(uid, set(listed), proc_root, hosts)
         if via_cgroup.matched:
             return via_cgroup, False
     return _gather(uid, _all_pids(proc_root), proc_root, hosts), True
