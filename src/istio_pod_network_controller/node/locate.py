@@ -97,6 +97,9 @@ def pod_segment(segments: list[str], uid: str) -> int | None:
 def in_pod_cgroup(cgroup_text: str, uid: str) -> bool:
     """True when a ``/proc/PID/cgroup`` text puts the process in pod ``uid``'s cgroup, under
     either cgroup driver, in any hierarchy, under any kubelet cgroupRoot."""
+    uid = uid.lower()
+    if uid not in cgroup_text and uid.replace("-", "_") not in cgroup_text:
+        return False  # most processes: decided without splitting anything
     return any(pod_segment(path.split("/"), uid) is not None for _, path in _cgroup_paths(cgroup_text))
 
 
