@@ -270,3 +270,28 @@ def test_the_verification_reference_is_what_the_kernel_lists(pod_ns: Netns, runn
         kinds[kind] = kinds.get(kind, 0) + 1
     assert len(reference.items) == kinds["table"] + kinds["chain"] + kinds["rule"]
     assert sum(1 for item in reference.items if item.kind == "rule") == rules.rule_count()
+
+
+def test_many_namespaces_programmed_at_once_each_get_their_last_ruleset(lab: Netlab, runner: Runner) -> None:
+    # As the agent's workers do: one applier, several threads, the same namespace never twice
+    # at once (the per-namespace lock) and libnftables entered from many threads.
+    from concurrent.futures import ThreadPoolExecutor
+
+    applier = NftApplier(runner)
+    rulesets = [plan(), plan("-m", "TPROXY", "--ipv6"), plan("--redirect-dns", "-o", "9999")]
+    paths = [lab.add_netns(f"many{i}") for i in range(6)]
+    handles = [Netns(path) for path in paths]
+    try:
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            # Each namespace gets the first rulesets in any order, then the last one.
+            early = [(ns, rules) for rules in rulesets[:-1] for ns in handles for _ in range(2)]
+            list(pool.map(lambda job: applier.apply(job[0], job[1]), early))
+            list(pool.map(lambda ns: applier.apply(ns, rulesets[-1]), handles))
+        with Netns(lab.add_netns("reference")) as reference:
+            NftApplier(runner).apply(reference, rulesets[-1])
+            for ns in handles:
+                assert ours(ns) == ours(reference)
+                assert NftApplier(runner).apply(ns, rulesets[-1], fresh=False).changed is False
+    finally:
+        for ns in handles:
+            ns.close()
