@@ -37,9 +37,10 @@ class Difference:
     example: tuple[str, ...]
     istio: dict[Mode, bool]  # whether istio-iptables accepts the example, per mode
     ours: dict[Mode, bool]
+    same_state: bool = True  # when both accept: whether they leave the same kernel state
 
     def differs(self, mode: Mode) -> bool:
-        return self.istio[mode] != self.ours[mode]
+        return self.istio[mode] != self.ours[mode] or not self.same_state
 
 
 def both(
@@ -51,8 +52,10 @@ def both(
     )
 
 
-def _entry(id: str, example: tuple[str, ...], outcomes: tuple[dict[Mode, bool], ...]) -> Difference:
-    return Difference(id, example, outcomes[0], outcomes[1])
+def _entry(
+    id: str, example: tuple[str, ...], outcomes: tuple[dict[Mode, bool], ...], *, same_state: bool = True
+) -> Difference:
+    return Difference(id, example, outcomes[0], outcomes[1], same_state)
 
 
 _GROUPS_64 = ",".join(str(1000 + i) for i in range(64))
@@ -68,6 +71,11 @@ DIFFERENCES: tuple[Difference, ...] = (
     _entry(
         "owner-groups-both-lists",
         ("--owner-groups-include", "1000", "--owner-groups-exclude", "1001"),
+        both(*[ACCEPTS] * 4),
+    ),
+    _entry(
+        "ignored-flags",
+        ("--log_output_level=default:debug", "--reconcile", "--probe-timeout", "1s"),
         both(*[ACCEPTS] * 4),
     ),
     _entry("empty-value", ("-p", ""), both(*[REFUSES] * 4)),
@@ -104,6 +112,7 @@ DIFFERENCES: tuple[Difference, ...] = (
     _entry("checked-though-unused", ("-b", "80", "-d", " "), both(ACCEPTS, ACCEPTS, REFUSES, REFUSES)),
     _entry("empty-id-list", ("-u", ","), both(ACCEPTS, ACCEPTS, REFUSES, REFUSES)),
     _entry("user-names", ("-u", "root"), both(ACCEPTS, ACCEPTS, REFUSES, REFUSES)),
+    _entry("run-control-flags", ("--skip-rule-apply",), both(*[ACCEPTS] * 4), same_state=False),
     _entry("list-over-limit", ("-o", _PORTS_1001), both(ACCEPTS, ACCEPTS, REFUSES, REFUSES)),
     _entry(
         "owner-groups-64", ("--owner-groups-include", _GROUPS_64), both(REFUSES, REFUSES, REFUSES, ACCEPTS)
@@ -123,6 +132,10 @@ BY_ID: dict[str, Difference] = {d.id: d for d in DIFFERENCES}
 Options = Mapping[str, str]
 
 PORT_LISTS = ("-b", "-d", "-q", "-o")
+# Flags of istio-iptables that change what the process does, not which rules: with them it
+# writes nothing (or only removes); ours programs the pod all the same. (Its nft mode writes the
+# rules despite --dry-run, but not the policy route and address.)
+RUN_CONTROL_FLAGS = ("--dry-run", "-n", "--skip-rule-apply", "--cleanup-only")
 _LEADING_ZERO = re.compile(r"0[0-9]+")
 _HEX = re.compile(r"0[xX][0-9a-fA-F]+")
 _NAME = re.compile(r"[a-zA-Z][a-zA-Z0-9_.-]*")
@@ -177,6 +190,8 @@ def shown(options: Options, switches: frozenset[str], *, ipv6: bool, mode: Mode)
     """The ids of the differences that apply to this configuration in ``mode`` (parity entries
     included, so a caller can tell what was covered)."""
     found: set[str] = set()
+    if switches & set(RUN_CONTROL_FLAGS):
+        found.add("run-control-flags")
     if any(len([i for i in text.split(",") if i]) > MAX_LIST_ITEMS for text in options.values()):
         found.add("list-over-limit")
     parts = _number_parts(options, NUMBER_FLAGS)
