@@ -1,0 +1,346 @@
+"""Istio's own injector and ours on the same pods, through a real API server, in both orders.
+
+istiod is built from the pinned Istio module and installed with Istio's own charts
+(``ipnc_dev.istiod``): a default istiod whose sidecars get istio-init, a ``canary`` revision, and a
+``cni`` revision installed with ``pilot.cni.enabled=true`` (``istio_cni.enabled`` in older
+charts): CNI-mode injection, no istio-init, ``traffic.sidecar.istio.io/*`` annotations for Istio's
+CNI plugin, which is not installed (our agent does its job). Our webhook runs as its own
+process, registered with the chart's own webhook entries (selectors, ``reinvocationPolicy``),
+pointed at it by URL. The API server calls the configurations in the order of their names, so
+ours is registered once as ``aaa-...`` (called before Istio's ``istio-sidecar-injector``) and once
+as ``zzz-...`` (after it).
+
+For every template, the pod is created twice: in a namespace opted in to us, and in a twin
+namespace labelled for Istio alone. The first shows what both webhooks make of it; the second is
+the pod exactly as Istio would run it, from which Istio itself computes the rules: through
+istio-init's own arguments and environment (Istio's istio-iptables, dry run) when it has one,
+through Istio's CNI plugin (its ADD, dry run, reading the pod from the API server) when it does
+not. Sidecars must get from us rules text-identical to Istio's (the conformance vectors'
+comparison); gateways, ``sidecar.istio.io/inject: "false"`` and ``DISABLE_ENVOY`` pods must be left
+exactly as Istio alone leaves them, with no waiter, and Istio's CNI plugin programs nothing there
+either.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from ipnc_dev import chart
+from ipnc_dev.controlplane import ControlPlane
+from ipnc_dev.istiod import (
+    IstioBuild,
+    Istiod,
+    cni_plugin_rules,
+    find_build,
+    istio_init_rules,
+    normalized,
+    our_rules,
+    start_istiod,
+)
+from ipnc_dev.webhookproc import WebhookProcess
+from istio_pod_network_controller import names
+from istio_pod_network_controller.decide import decide
+
+pytestmark = pytest.mark.cluster
+
+WAITER_IMAGE = "registry.example/istio-pod-network-controller:test"
+OPT_IN_LABEL = "istio-pod-network-controller/initialize"
+# The names the API server orders mutating webhook configurations by: Istio's is
+# istio-sidecar-injector[-REV].
+ORDERS = {"ours-first": "aaa-istio-pod-network-controller", "ours-last": "zzz-istio-pod-network-controller"}
+MESH_CONFIG = json.dumps({"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "true"}})
+ANNOTATED = {
+    "traffic.sidecar.istio.io/excludeOutboundPorts": "5432,6379",
+    "traffic.sidecar.istio.io/includeInboundPorts": "8080,9090",
+    "traffic.sidecar.istio.io/excludeOutboundIPRanges": "169.254.169.254/32",
+    "traffic.sidecar.istio.io/excludeInboundPorts": "9091",
+    "proxy.istio.io/config": MESH_CONFIG,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One template: which istiod injects it, what the pod asks for, and whether it is a sidecar
+    we must program."""
+
+    name: str
+    istiod: str  # "default", "canary" or "cni"
+    sidecar: bool
+    annotations: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+CASES = [
+    # This Istio injects istio-proxy as a native sidecar by default; the annotation picks either.
+    Case("default-sidecar", "default", True),
+    Case("classic-sidecar", "default", True, annotations={"sidecar.istio.io/nativeSidecar": "false"}),
+    Case("default-annotated", "default", True, annotations=ANNOTATED),
+    Case("native-sidecar", "default", True, annotations={"sidecar.istio.io/nativeSidecar": "true"}),
+    Case("revision", "canary", True),
+    Case("cni-sidecar", "cni", True),
+    Case("cni-classic-sidecar", "cni", True, annotations={"sidecar.istio.io/nativeSidecar": "false"}),
+    Case("cni-annotated", "cni", True, annotations=ANNOTATED),
+    Case("cni-native-sidecar", "cni", True, annotations={"sidecar.istio.io/nativeSidecar": "true"}),
+    Case("inject-false", "default", False, labels={"sidecar.istio.io/inject": "false"}),
+    Case("cni-inject-false", "cni", False, labels={"sidecar.istio.io/inject": "false"}),
+    Case(
+        "disable-envoy",
+        "default",
+        False,
+        annotations={"proxy.istio.io/config": json.dumps({"proxyMetadata": {"DISABLE_ENVOY": "true"}})},
+    ),
+    Case(
+        "cni-disable-envoy",
+        "cni",
+        False,
+        annotations={"proxy.istio.io/config": json.dumps({"proxyMetadata": {"DISABLE_ENVOY": "true"}})},
+    ),
+]
+
+
+@dataclass
+class Mesh:
+    control_plane: ControlPlane
+    build: IstioBuild
+    istiods: dict[str, Istiod]
+    webhook: WebhookProcess
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Mesh]:
+    """A control plane of its own (Istio's webhooks would otherwise see every other test's pods),
+    three istiods and our webhook."""
+    build = find_build()
+    if build is None:
+        pytest.fail("istiod is not built for the pinned Istio version: run scripts/build-istio")
+    with ControlPlane.start() as cp:
+        istiods: dict[str, Istiod] = {}
+        webhook = WebhookProcess(
+            cp.write_service_account_kubeconfig("ipnc-webhook", "webhook"),
+            extra=[f"--waiter-image={WAITER_IMAGE}"],
+        )
+        grant_namespace_reads(cp)
+        try:
+            istiods["default"] = start_istiod(cp, build=build)
+            istiods["canary"] = start_istiod(cp, build=build, revision="canary")
+            istiods["cni"] = start_istiod(
+                cp, build=build, revision="cni", values={"pilot.cni.enabled": "true"}
+            )
+            webhook.start()
+            yield Mesh(cp, build, istiods, webhook)
+        finally:
+            webhook.stop()
+            for istiod in istiods.values():
+                istiod.stop()
+
+
+def grant_namespace_reads(cp: ControlPlane) -> None:
+    """What the chart grants the webhook: reading namespaces."""
+    rbac = [
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRole",
+            "metadata": {"name": "ipnc-webhook-test"},
+            "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}],
+        },
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "ClusterRoleBinding",
+            "metadata": {"name": "ipnc-webhook-test"},
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "ClusterRole",
+                "name": "ipnc-webhook-test",
+            },
+            "subjects": [{"kind": "ServiceAccount", "name": "webhook", "namespace": "ipnc-webhook"}],
+        },
+    ]
+    cp.kubectl("apply", "-f", "-", input=chart.dump(rbac))
+
+
+def our_configuration(webhook: WebhookProcess, name: str) -> dict[str, Any]:
+    """The chart's own MutatingWebhookConfiguration entries (selectors, reinvocationPolicy, ...),
+    called ``name``, pointed at the webhook process by URL."""
+    rendered = chart.parse(chart.template("ipnc-system", {"fullnameOverride": "ipnc"}))
+    config = next(o for o in rendered if o["kind"] == "MutatingWebhookConfiguration")
+    config = copy.deepcopy(config)
+    config["metadata"] = {"name": name}
+    ca = base64.b64encode(webhook.pair.ca.pem).decode()
+    for entry in config["webhooks"]:
+        entry["clientConfig"] = {"url": webhook.url, "caBundle": ca}
+    return config
+
+
+@pytest.fixture(params=sorted(ORDERS))
+def order(request: pytest.FixtureRequest, mesh: Mesh) -> Iterator[str]:
+    """Our configuration, registered under a name that sorts before or after Istio's."""
+    name = ORDERS[request.param]
+    mesh.control_plane.kubectl("apply", "-f", "-", input=json.dumps(our_configuration(mesh.webhook, name)))
+    yield request.param
+    mesh.control_plane.kubectl("delete", "mutatingwebhookconfiguration", name)
+
+
+def namespace(cp: ControlPlane, istiod: str, *, opted_in: bool) -> str:
+    name = f"{istiod}-{'ours' if opted_in else 'istio'}-{uuid.uuid4().hex[:6]}"
+    labels = {"istio-injection": "enabled"} if istiod == "default" else {"istio.io/rev": istiod}
+    if opted_in:
+        labels[OPT_IN_LABEL] = "true"
+    cp.kubectl("create", "namespace", name)
+    cp.kubectl("label", "namespace", name, *[f"{k}={v}" for k, v in labels.items()])
+    return name
+
+
+def workload(case: Case) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": case.name,
+            "labels": {"app": case.name, **case.labels},
+            "annotations": dict(case.annotations),
+        },
+        "spec": {
+            # What the ServiceAccount admission plugin would set (it is off here); Istio's
+            # projected token volume needs it.
+            "serviceAccountName": "default",
+            "containers": [
+                {"name": "app", "image": "registry.example/app:1", "ports": [{"containerPort": 8080}]}
+            ],
+        },
+    }
+
+
+def create(cp: ControlPlane, pod: dict[str, Any], ns: str) -> dict[str, Any]:
+    body = {**pod, "metadata": {**pod["metadata"], "namespace": ns}}
+    run = cp.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(body))
+    created: dict[str, Any] = json.loads(run.stdout)
+    return created
+
+
+def init_names(pod: dict[str, Any]) -> list[str]:
+    return [c["name"] for c in pod["spec"].get("initContainers", [])]
+
+
+def comparable(pod: dict[str, Any]) -> dict[str, Any]:
+    """A pod's spec and the annotations Istio wrote, without what differs between two creations."""
+    spec = copy.deepcopy(pod["spec"])
+    annotations = dict(pod["metadata"].get("annotations", {}))
+    return {
+        "spec": json.loads(json.dumps(spec).replace(pod["metadata"]["namespace"], "NS")),
+        "annotations": annotations,
+    }
+
+
+def resolv_conf_servers() -> list[str]:
+    """The nameservers istio-iptables, run here, reads from /etc/resolv.conf."""
+    with open("/etc/resolv.conf") as resolv:
+        return [w[1] for line in resolv if (w := line.split()) and w[0] == "nameserver" and len(w) > 1]
+
+
+def without_dns_servers(lines: list[str]) -> list[str]:
+    """istio-init's DNS rules with the destinations it took from the pod's resolv.conf dropped:
+    the node agent cannot read that file, so it captures all DNS, as Istio's CNI plugin does."""
+    out = lines
+    for server in resolv_conf_servers():
+        out = [line.replace(f" -d {server}/32", "").replace(f" -s {server}/32", "") for line in out]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_each_template_gets_what_istio_would_give_it(mesh: Mesh, order: str, case: Case) -> None:
+    cp = mesh.control_plane
+    ours = create(cp, workload(case), namespace(cp, case.istiod, opted_in=True))
+    alone = create(cp, workload(case), namespace(cp, case.istiod, opted_in=False))
+    everything = [*ours["spec"]["containers"], *ours["spec"].get("initContainers", [])]
+    injected = "istio-proxy" in {c["name"] for c in everything}
+    assert injected == (case.labels.get("sidecar.istio.io/inject") != "false"), case.name
+    # Istio's CNI plugin, reading the pod as the API server stored it after both webhooks.
+    plugin = cni_plugin_rules(mesh.build, ours, cp.kubeconfig_path)
+
+    if not case.sidecar:
+        assert names.WAITER_CONTAINER not in init_names(ours)
+        assert comparable(ours) == comparable(alone), f"{case.name} ({order}) was changed by us"
+        assert not decide(ours, None).ours
+        assert normalized(plugin["iptables"]) == [] and normalized(plugin["ip6tables"]) == []
+        return
+
+    assert init_names(ours)[0] == names.WAITER_CONTAINER, f"{case.name} ({order}): {init_names(ours)}"
+    assert "istio-init" not in init_names(ours)
+    # Istio's own containers are exactly what Istio alone injects.
+    assert comparable(ours)["spec"]["containers"] == comparable(alone)["spec"]["containers"]
+    produced = {k: normalized(v) for k, v in our_rules(ours).items()}
+
+    if "istio-init" in init_names(alone):
+        # Istio's CNI plugin leaves a pod with istio-init alone: its istio-init is what Istio
+        # applies, through Istio's istio-iptables, and exactly what we must apply.
+        init = next(c for c in alone["spec"]["initContainers"] if c["name"] == "istio-init")
+        kept = json.loads(ours["metadata"]["annotations"][names.IPTABLES_ARGS])
+        assert kept[: len(init["args"])] == init["args"]
+        by_init = istio_init_rules(mesh.build, alone)
+        expected = {k: without_dns_servers(normalized(v)) for k, v in by_init.items()}
+    else:
+        assert names.IPTABLES_ARGS not in ours["metadata"].get("annotations", {})
+        expected = {k: normalized(v) for k, v in plugin.items()}
+    assert expected["iptables"], f"Istio programs nothing for {case.name}?"
+    assert produced == expected, case.name
+
+
+def test_injection_time_annotations_reach_the_rules(mesh: Mesh) -> None:
+    """The DNS capture asked for in proxy.istio.io/config and the excluded ports reach our rules,
+    in both injection modes (a comparison with Istio alone would pass if neither had them)."""
+    cp = mesh.control_plane
+    name = ORDERS["ours-last"]
+    cp.kubectl("apply", "-f", "-", input=json.dumps(our_configuration(mesh.webhook, name)))
+    try:
+        for istiod in ("default", "cni"):
+            case = Case(f"{istiod}-dns", istiod, True, annotations=ANNOTATED)
+            text = "\n".join(
+                normalized(
+                    our_rules(create(cp, workload(case), namespace(cp, istiod, opted_in=True)))["iptables"]
+                )
+            )
+            wanted_all = ("--dport 53 ", "--dport 5432", "--dport 6379", "169.254.169.254/32", "--dport 9090")
+            for wanted in wanted_all:
+                assert wanted in text, f"{istiod}: {wanted!r} not in\n{text}"
+    finally:
+        cp.kubectl("delete", "mutatingwebhookconfiguration", name)
+
+
+def gateway_pod(mesh: Mesh, ns: str) -> dict[str, Any]:
+    """The pod Istio's gateway chart's Deployment would make (no controller-manager runs here):
+    the chart installed with helm into ``ns``, its pod template as a pod."""
+    release = "gateway"  # the same in both namespaces: the proxy's environment names it
+    chart.helm(
+        "install", release, str(mesh.build.charts / "gateway"), "-n", ns,
+        kubeconfig=mesh.control_plane.kubeconfig_path,
+    )  # fmt: skip
+    run = mesh.control_plane.kubectl("-n", ns, "get", "deployment", release, "-o", "json")
+    template = json.loads(run.stdout)["spec"]["template"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**template["metadata"], "name": release},
+        "spec": template["spec"],
+    }
+
+
+def test_a_gateway_from_istios_gateway_chart_is_left_alone(mesh: Mesh, order: str) -> None:
+    cp = mesh.control_plane
+    ours_ns, alone_ns = namespace(cp, "default", opted_in=True), namespace(cp, "default", opted_in=False)
+    ours = create(cp, gateway_pod(mesh, ours_ns), ours_ns)
+    alone = create(cp, gateway_pod(mesh, alone_ns), alone_ns)
+    proxy = next(c for c in ours["spec"]["containers"] if c["name"] == "istio-proxy")
+    assert proxy["image"] != "auto" and proxy["args"][:2] == ["proxy", "router"], f"not injected ({order})"
+    assert init_names(ours) == [] and init_names(alone) == []
+    assert decide(ours, None).reason.startswith("its proxy is of type 'router'")
+    assert comparable(ours)["spec"]["containers"] == comparable(alone)["spec"]["containers"]
+    expected = cni_plugin_rules(mesh.build, ours, cp.kubeconfig_path)
+    assert normalized(expected["iptables"]) == [] and normalized(expected["ip6tables"]) == []
