@@ -8,12 +8,14 @@ annotation, from which the agent builds exactly the spec istio-init would have a
 here before anything is written). The patch is computed from the pod as it is, so a second call
 on an already mutated pod changes nothing: safe under ``reinvocationPolicy: IfNeeded``.
 
-The webhook owns the waiter: an init container named like it that is not exactly the one it
-injects (up to the API server's defaults), wherever it stands, is replaced by the real one placed
-first, and so is a volume named like the podinfo volume that is not exactly its downward API
-volume; a pod author therefore never chooses the waiter's image, command, IDs, environment or the
-file it reads. Replacing rather than refusing keeps pods copied or restored from a mutated pod
-(``kubectl get -o yaml | kubectl create``, backups) working, with the current waiter. An
+The webhook owns the waiter: in a pod that is not ours it is removed (an earlier call may have
+added it before another injector made the pod a gateway), and an init container named like it that
+is not exactly the one it injects (up to the API server's defaults), wherever it stands, is
+replaced by the real one placed first, and so is a volume named like the podinfo volume that is
+not exactly its downward API volume; a pod author therefore never chooses the waiter's image,
+command, IDs, environment or the file it reads. Replacing rather than refusing keeps pods copied
+or restored from a mutated pod (``kubectl get -o yaml | kubectl create``, backups) working, with
+the current waiter. An
 application container of that name is refused: it cannot be replaced without changing the app.
 The waiter's UID and GID are never the proxy's (its connections would not be captured, so it
 could not prove the redirect): see ``waiter_ids_for``.
@@ -317,7 +319,7 @@ def mutate_pod(pod: AnyPod, namespace: AnyNamespace, settings: WaiterSettings) -
     namespace = namespace_facts(namespace)
     decision = decide(pod, namespace, excluded_namespaces=settings.excluded_namespaces)
     if not decision.ours:
-        return Unchanged(decision.reason)
+        return _waiter_removed(pod, decision.reason) or Unchanged(decision.reason)
     spec_obj = as_mapping(pod.raw.get("spec"))
     istio_init = _index_of(as_list(spec_obj.get("initContainers")), INIT_CONTAINER)
 
@@ -376,6 +378,37 @@ def mutate_pod(pod: AnyPod, namespace: AnyNamespace, settings: WaiterSettings) -
     if not ops:
         return Unchanged(f"already has {names.WAITER_CONTAINER}")
     return Patch(tuple(ops), "; ".join(done) + f" ({decision.reason})")
+
+
+def _waiter_removed(pod: PodFacts, reason: str) -> Patch | None:
+    """A waiter in a pod that is not ours is removed: the agent never marks such a pod, so the
+    waiter would hold it until its timeout. This happens when an earlier call of this webhook saw
+    a pod that looked like a sidecar's and a later injector made it something else: Istio's
+    gateway chart asks for ``istio-proxy`` with ``image: auto`` and no arguments, which Istio's
+    injector fills in with ``proxy router`` only after a webhook called before it saw the pod.
+    The podinfo volume goes too, if it is exactly ours and nothing else mounts it."""
+    spec_obj = as_mapping(pod.raw.get("spec"))
+    inits = as_list(spec_obj.get("initContainers"))
+    named = [i for i, c in enumerate(inits) if as_mapping(c).get("name") == names.WAITER_CONTAINER]
+    if not named:
+        return None
+    ops: JsonPatch = [
+        {"op": "remove", "path": f"/spec/initContainers/{i}"} for i in sorted(named, reverse=True)
+    ]
+    kept = [c for i, c in enumerate(inits) if i not in named] + as_list(spec_obj.get("containers"))
+    mounted = any(
+        as_mapping(m).get("name") == names.PODINFO_VOLUME
+        for c in kept
+        for m in as_list(as_mapping(c).get("volumeMounts"))
+    )
+    volumes = as_list(spec_obj.get("volumes"))
+    if not mounted:
+        ops += [
+            {"op": "remove", "path": f"/spec/volumes/{i}"}
+            for i in reversed(range(len(volumes)))
+            if as_mapping(volumes[i]).get("name") == names.PODINFO_VOLUME and is_our_volume(volumes[i])
+        ]
+    return Patch(tuple(ops), f"removed {names.WAITER_CONTAINER}: the pod is not ours ({reason})")
 
 
 def _init_container_ops(

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from istio_pod_network_controller import names
-from istio_pod_network_controller.decide import scope_problem
+from istio_pod_network_controller.decide import decide, scope_problem
 from istio_pod_network_controller.inject import (
     DEFAULT_WAITER_UID,
     Denied,
@@ -387,7 +387,12 @@ _POD = st.fixed_dictionaries(
 def test_any_pod_gets_an_answer_and_a_patch_that_applies_once(pod: dict[str, Any]) -> None:
     mutation = mutate_pod(pod, None, SETTINGS)
     assert isinstance(mutation, Patch | Unchanged | Denied)
-    if isinstance(mutation, Patch):
+    if isinstance(mutation, Patch) and not decide(pod, None).ours:
+        # A pod that is not ours loses the waiter an earlier call may have given it.
+        after = apply_patch(pod, mutation.ops)
+        assert names.WAITER_CONTAINER not in init_names(after)
+        assert isinstance(mutate_pod(after, None, SETTINGS), Unchanged)
+    elif isinstance(mutation, Patch):
         after = apply_patch(pod, mutation.ops)
         assert init_names(after).count(names.WAITER_CONTAINER) == 1
         assert init_names(after)[0] == names.WAITER_CONTAINER
@@ -622,3 +627,57 @@ def test_a_platform_uid_on_the_waiter_is_kept_but_never_the_proxys() -> None:
     after["spec"]["initContainers"][0]["securityContext"]["runAsUser"] = 1337
     again = patched(after, NONE)
     assert "runAsUser" not in again["spec"]["initContainers"][0]["securityContext"]
+
+
+# -- both injectors, in either order ----------------------------------------------------------------
+
+
+def _gateway_before_istio() -> dict[str, Any]:
+    """What Istio's gateway chart's Deployment creates: istio-proxy as a placeholder (image auto,
+    no arguments) that Istio's injector turns into a `proxy router` gateway."""
+    return {
+        "metadata": {
+            "namespace": "shop",
+            "annotations": {"inject.istio.io/templates": "gateway", **OPT_IN},
+            "labels": {"sidecar.istio.io/inject": "true"},
+        },
+        "spec": {"containers": [{"name": "istio-proxy", "image": "auto"}]},
+    }
+
+
+def test_a_gateway_seen_before_istios_injector_loses_the_waiter_when_called_again() -> None:
+    first = mutate_pod(_gateway_before_istio(), None, SETTINGS)
+    assert isinstance(first, Patch)  # it looks like a sidecar's pod now
+    after_ours = apply_patch(_gateway_before_istio(), first.ops)
+    # Istio's injector fills in the gateway, and its own volumes.
+    after_istio = copy.deepcopy(after_ours)
+    after_istio["spec"]["containers"][0] |= {"image": "proxyv2:1", "args": ["proxy", "router"]}
+    after_istio["spec"]["volumes"].append({"name": "istio-envoy", "emptyDir": {}})
+    second = mutate_pod(after_istio, None, SETTINGS)
+    assert isinstance(second, Patch) and "not ours" in second.summary
+    final = apply_patch(after_istio, second.ops)
+    assert names.WAITER_CONTAINER not in init_names(final)
+    assert final["spec"]["volumes"] == [{"name": "istio-envoy", "emptyDir": {}}]
+    assert mutate_pod(final, None, SETTINGS) == Unchanged(
+        "its proxy is of type 'router', not a sidecar (a gateway): capture would break it"
+    )
+
+
+def test_a_podinfo_volume_that_a_container_mounts_is_kept_when_the_waiter_goes() -> None:
+    pod = _gateway_before_istio()
+    pod["spec"]["containers"][0] |= {
+        "args": ["proxy", "router"],
+        "volumeMounts": [{"name": names.PODINFO_VOLUME, "mountPath": "/x"}],
+    }
+    pod["spec"]["initContainers"] = [{"name": names.WAITER_CONTAINER, "image": "x"}]
+    pod["spec"]["volumes"] = [podinfo_volume()]
+    mutation = mutate_pod(pod, None, SETTINGS)
+    assert isinstance(mutation, Patch)
+    after = apply_patch(pod, mutation.ops)
+    assert init_names(after) == [] and after["spec"]["volumes"] == [podinfo_volume()]
+
+
+def test_a_pod_not_ours_without_a_waiter_is_unchanged() -> None:
+    pod = _gateway_before_istio()
+    pod["spec"]["containers"][0]["args"] = ["proxy", "router"]
+    assert isinstance(mutate_pod(pod, None, SETTINGS), Unchanged)
