@@ -266,6 +266,9 @@ def test_each_template_gets_what_istio_would_give_it(mesh: Mesh, order: str, cas
     plugin = cni_plugin_rules(mesh.build, ours, cp.kubeconfig_path)
 
     if not case.sidecar:
+        if "DISABLE_ENVOY" in case.annotations.get("proxy.istio.io/config", ""):
+            # Istio's istio-init injection still gives it istio-init (NET_ADMIN and all).
+            assert ("istio-init" in init_names(ours)) == (case.istiod != "cni"), init_names(ours)
         assert names.WAITER_CONTAINER not in init_names(ours)
         assert comparable(ours) == comparable(alone), f"{case.name} ({order}) was changed by us"
         assert not decide(ours, None).ours
@@ -344,3 +347,17 @@ def test_a_gateway_from_istios_gateway_chart_is_left_alone(mesh: Mesh, order: st
     assert comparable(ours)["spec"]["containers"] == comparable(alone)["spec"]["containers"]
     expected = cni_plugin_rules(mesh.build, ours, cp.kubeconfig_path)
     assert normalized(expected["iptables"]) == [] and normalized(expected["ip6tables"]) == []
+
+
+def test_a_server_side_dry_run_shows_the_pod_as_both_injectors_make_it(mesh: Mesh, order: str) -> None:
+    cp = mesh.control_plane
+    case = Case("dry-run", "default", True, annotations={"sidecar.istio.io/nativeSidecar": "false"})
+    ns = namespace(cp, "default", opted_in=True)
+    body = {**workload(case), "metadata": {**workload(case)["metadata"], "namespace": ns}}
+    run = cp.kubectl("apply", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(body))
+    dry = json.loads(run.stdout)
+    assert init_names(dry)[0] == names.WAITER_CONTAINER and "istio-init" not in init_names(dry)
+    assert names.IPTABLES_ARGS in dry["metadata"]["annotations"]
+    real = create(cp, workload(case), ns)
+    assert init_names(dry) == init_names(real)
+    assert cp.kubectl("-n", ns, "get", "pods", "-o", "name").stdout.split() == [f"pod/{case.name}"]
