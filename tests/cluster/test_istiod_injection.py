@@ -23,36 +23,39 @@ either.
 
 from __future__ import annotations
 
-import base64
 import copy
 import json
-import uuid
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from ipnc_dev import chart
 from ipnc_dev.controlplane import ControlPlane
 from ipnc_dev.istiod import (
     IstioBuild,
     Istiod,
+    chart_webhook_configuration,
     cni_plugin_rules,
     find_build,
+    gateway_pod,
     istio_init_rules,
+    mesh_namespace,
     normalized,
     our_rules,
     start_istiod,
+    without_dns_servers,
+    workload_pod,
 )
-from ipnc_dev.webhookproc import WebhookProcess
+from ipnc_dev.webhookproc import WebhookProcess, webhook_kubeconfig
 from istio_pod_network_controller import names
 from istio_pod_network_controller.decide import decide
 
 pytestmark = pytest.mark.cluster
 
 WAITER_IMAGE = "registry.example/istio-pod-network-controller:test"
-OPT_IN_LABEL = "istio-pod-network-controller/initialize"
 # The names the API server orders mutating webhook configurations by: Istio's is
 # istio-sidecar-injector[-REV].
 ORDERS = {"ours-first": "aaa-istio-pod-network-controller", "ours-last": "zzz-istio-pod-network-controller"}
@@ -123,11 +126,9 @@ def mesh() -> Iterator[Mesh]:
         pytest.fail("istiod is not built for the pinned Istio version: run scripts/build-istio")
     with ControlPlane.start() as cp:
         istiods: dict[str, Istiod] = {}
-        webhook = WebhookProcess(
-            cp.write_service_account_kubeconfig("ipnc-webhook", "webhook"),
-            extra=[f"--waiter-image={WAITER_IMAGE}"],
-        )
-        grant_namespace_reads(cp)
+        folder = Path(tempfile.mkdtemp(prefix="ipnc-istiod-test-"))
+        kubeconfig = webhook_kubeconfig(cp, "ipnc-system", folder / "webhook-kubeconfig")
+        webhook = WebhookProcess(kubeconfig, extra=[f"--waiter-image={WAITER_IMAGE}"], folder=folder)
         try:
             istiods["default"] = start_istiod(cp, build=build)
             istiods["canary"] = start_istiod(cp, build=build, revision="canary")
@@ -142,87 +143,31 @@ def mesh() -> Iterator[Mesh]:
                 istiod.stop()
 
 
-def grant_namespace_reads(cp: ControlPlane) -> None:
-    """What the chart grants the webhook: reading namespaces."""
-    rbac = [
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRole",
-            "metadata": {"name": "ipnc-webhook-test"},
-            "rules": [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}],
-        },
-        {
-            "apiVersion": "rbac.authorization.k8s.io/v1",
-            "kind": "ClusterRoleBinding",
-            "metadata": {"name": "ipnc-webhook-test"},
-            "roleRef": {
-                "apiGroup": "rbac.authorization.k8s.io",
-                "kind": "ClusterRole",
-                "name": "ipnc-webhook-test",
-            },
-            "subjects": [{"kind": "ServiceAccount", "name": "webhook", "namespace": "ipnc-webhook"}],
-        },
-    ]
-    cp.kubectl("apply", "-f", "-", input=chart.dump(rbac))
-
-
-def our_configuration(webhook: WebhookProcess, name: str) -> dict[str, Any]:
-    """The chart's own MutatingWebhookConfiguration entries (selectors, reinvocationPolicy, ...),
-    called ``name``, pointed at the webhook process by URL."""
-    rendered = chart.parse(chart.template("ipnc-system", {"fullnameOverride": "ipnc"}))
-    config = next(o for o in rendered if o["kind"] == "MutatingWebhookConfiguration")
-    config = copy.deepcopy(config)
-    config["metadata"] = {"name": name}
-    ca = base64.b64encode(webhook.pair.ca.pem).decode()
-    for entry in config["webhooks"]:
-        entry["clientConfig"] = {"url": webhook.url, "caBundle": ca}
-    return config
-
-
 @pytest.fixture(params=sorted(ORDERS))
 def order(request: pytest.FixtureRequest, mesh: Mesh) -> Iterator[str]:
     """Our configuration, registered under a name that sorts before or after Istio's."""
     name = ORDERS[request.param]
-    mesh.control_plane.kubectl("apply", "-f", "-", input=json.dumps(our_configuration(mesh.webhook, name)))
+    mesh.control_plane.kubectl(
+        "apply", "-f", "-", input=json.dumps(chart_webhook_configuration(mesh.webhook, name))
+    )
     yield request.param
     mesh.control_plane.kubectl("delete", "mutatingwebhookconfiguration", name)
 
 
 def namespace(cp: ControlPlane, istiod: str, *, opted_in: bool) -> str:
-    name = f"{istiod}-{'ours' if opted_in else 'istio'}-{uuid.uuid4().hex[:6]}"
-    labels = {"istio-injection": "enabled"} if istiod == "default" else {"istio.io/rev": istiod}
-    if opted_in:
-        labels[OPT_IN_LABEL] = "true"
-    cp.kubectl("create", "namespace", name)
-    cp.kubectl("label", "namespace", name, *[f"{k}={v}" for k, v in labels.items()])
-    return name
-
-
-def workload(case: Case) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": case.name,
-            "labels": {"app": case.name, **case.labels},
-            "annotations": dict(case.annotations),
-        },
-        "spec": {
-            # What the ServiceAccount admission plugin would set (it is off here); Istio's
-            # projected token volume needs it.
-            "serviceAccountName": "default",
-            "containers": [
-                {"name": "app", "image": "registry.example/app:1", "ports": [{"containerPort": 8080}]}
-            ],
-        },
-    }
+    return mesh_namespace(cp, istiod, opted_in=opted_in)
 
 
 def create(cp: ControlPlane, pod: dict[str, Any], ns: str) -> dict[str, Any]:
     body = {**pod, "metadata": {**pod["metadata"], "namespace": ns}}
-    run = cp.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(body))
-    created: dict[str, Any] = json.loads(run.stdout)
+    created: dict[str, Any] = json.loads(
+        cp.kubectl("create", "-o", "json", "-f", "-", input=json.dumps(body)).stdout
+    )
     return created
+
+
+def workload(case: Case) -> dict[str, Any]:
+    return workload_pod(case.name, annotations=case.annotations, labels=case.labels)
 
 
 def init_names(pod: dict[str, Any]) -> list[str]:
@@ -237,21 +182,6 @@ def comparable(pod: dict[str, Any]) -> dict[str, Any]:
         "spec": json.loads(json.dumps(spec).replace(pod["metadata"]["namespace"], "NS")),
         "annotations": annotations,
     }
-
-
-def resolv_conf_servers() -> list[str]:
-    """The nameservers istio-iptables, run here, reads from /etc/resolv.conf."""
-    with open("/etc/resolv.conf") as resolv:
-        return [w[1] for line in resolv if (w := line.split()) and w[0] == "nameserver" and len(w) > 1]
-
-
-def without_dns_servers(lines: list[str]) -> list[str]:
-    """istio-init's DNS rules with the destinations it took from the pod's resolv.conf dropped:
-    the node agent cannot read that file, so it captures all DNS, as Istio's CNI plugin does."""
-    out = lines
-    for server in resolv_conf_servers():
-        out = [line.replace(f" -d {server}/32", "").replace(f" -s {server}/32", "") for line in out]
-    return out
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
@@ -288,7 +218,7 @@ def test_each_template_gets_what_istio_would_give_it(mesh: Mesh, order: str, cas
         kept = json.loads(ours["metadata"]["annotations"][names.IPTABLES_ARGS])
         assert kept[: len(init["args"])] == init["args"]
         by_init = istio_init_rules(mesh.build, alone)
-        expected = {k: without_dns_servers(normalized(v)) for k, v in by_init.items()}
+        expected = {k: normalized(without_dns_servers(v)) for k, v in by_init.items()}
     else:
         assert names.IPTABLES_ARGS not in ours["metadata"].get("annotations", {})
         expected = {k: normalized(v) for k, v in plugin.items()}
@@ -301,7 +231,7 @@ def test_injection_time_annotations_reach_the_rules(mesh: Mesh) -> None:
     in both injection modes (a comparison with Istio alone would pass if neither had them)."""
     cp = mesh.control_plane
     name = ORDERS["ours-last"]
-    cp.kubectl("apply", "-f", "-", input=json.dumps(our_configuration(mesh.webhook, name)))
+    cp.kubectl("apply", "-f", "-", input=json.dumps(chart_webhook_configuration(mesh.webhook, name)))
     try:
         for istiod in ("default", "cni"):
             case = Case(f"{istiod}-dns", istiod, True, annotations=ANNOTATED)
@@ -317,29 +247,11 @@ def test_injection_time_annotations_reach_the_rules(mesh: Mesh) -> None:
         cp.kubectl("delete", "mutatingwebhookconfiguration", name)
 
 
-def gateway_pod(mesh: Mesh, ns: str) -> dict[str, Any]:
-    """The pod Istio's gateway chart's Deployment would make (no controller-manager runs here):
-    the chart installed with helm into ``ns``, its pod template as a pod."""
-    release = "gateway"  # the same in both namespaces: the proxy's environment names it
-    chart.helm(
-        "install", release, str(mesh.build.charts / "gateway"), "-n", ns,
-        kubeconfig=mesh.control_plane.kubeconfig_path,
-    )  # fmt: skip
-    run = mesh.control_plane.kubectl("-n", ns, "get", "deployment", release, "-o", "json")
-    template = json.loads(run.stdout)["spec"]["template"]
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {**template["metadata"], "name": release},
-        "spec": template["spec"],
-    }
-
-
 def test_a_gateway_from_istios_gateway_chart_is_left_alone(mesh: Mesh, order: str) -> None:
     cp = mesh.control_plane
     ours_ns, alone_ns = namespace(cp, "default", opted_in=True), namespace(cp, "default", opted_in=False)
-    ours = create(cp, gateway_pod(mesh, ours_ns), ours_ns)
-    alone = create(cp, gateway_pod(mesh, alone_ns), alone_ns)
+    ours = create(cp, gateway_pod(cp, mesh.build, ours_ns), ours_ns)
+    alone = create(cp, gateway_pod(cp, mesh.build, alone_ns), alone_ns)
     proxy = next(c for c in ours["spec"]["containers"] if c["name"] == "istio-proxy")
     assert proxy["image"] != "auto" and proxy["args"][:2] == ["proxy", "router"], f"not injected ({order})"
     assert init_names(ours) == [] and init_names(alone) == []

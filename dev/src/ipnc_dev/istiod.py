@@ -20,6 +20,8 @@ certificate, and with the CA bundle that istiod itself patches into that configu
 
 from __future__ import annotations
 
+import base64
+import copy
 import json
 import os
 import random
@@ -425,3 +427,93 @@ def our_rules(pod: Mapping[str, Any], namespace: Mapping[str, Any] | None = None
 def normalized(text: str) -> list[str]:
     """The conformance vectors' text comparison: lines, trailing spaces and blank lines dropped."""
     return [line.rstrip() for line in text.splitlines() if line.strip()]
+
+
+# -- what the istiod tests (and demo) share ----------------------------------------------------------
+
+OPT_IN_LABEL = "istio-pod-network-controller/initialize"
+
+
+def chart_webhook_configuration(webhook: Any, name: str) -> dict[str, Any]:
+    """Our chart's own MutatingWebhookConfiguration (its entries' selectors, reinvocationPolicy,
+    failurePolicy), called ``name`` (the API server calls configurations in the order of their
+    names), pointed by URL at ``webhook``, a started ``webhookproc.WebhookProcess``."""
+    rendered = chart.parse(chart.template("ipnc-system", {"fullnameOverride": "ipnc"}))
+    found = next(o for o in rendered if o["kind"] == "MutatingWebhookConfiguration")
+    config: dict[str, Any] = copy.deepcopy(found)
+    config["metadata"] = {"name": name}
+    ca = base64.b64encode(webhook.pair.ca.pem).decode()
+    for entry in config["webhooks"]:
+        entry["clientConfig"] = {"url": webhook.url, "caBundle": ca}
+    return config
+
+
+def mesh_namespace(control_plane: ControlPlane, revision: str, *, opted_in: bool) -> str:
+    """A new namespace labelled for istiod ``revision`` ("default": ``istio-injection=enabled``),
+    and for us when ``opted_in``."""
+    name = f"{revision}-{'ours' if opted_in else 'istio'}-{uuid.uuid4().hex[:6]}"
+    labels = {"istio-injection": "enabled"} if revision == "default" else {"istio.io/rev": revision}
+    if opted_in:
+        labels[OPT_IN_LABEL] = "true"
+    control_plane.kubectl("create", "namespace", name)
+    control_plane.kubectl("label", "namespace", name, *[f"{k}={v}" for k, v in labels.items()])
+    return name
+
+
+def workload_pod(
+    name: str, *, annotations: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """An application pod for Istio to inject."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "labels": {"app": name, **(labels or {})},
+            "annotations": dict(annotations or {}),
+        },
+        "spec": {
+            # What the ServiceAccount admission plugin would set (it is off in the plain control
+            # plane); Istio's projected token volume needs it.
+            "serviceAccountName": "default",
+            "containers": [
+                {"name": "app", "image": "registry.example/app:1", "ports": [{"containerPort": 8080}]}
+            ],
+        },
+    }
+
+
+def gateway_pod(control_plane: ControlPlane, build: IstioBuild, namespace: str) -> dict[str, Any]:
+    """The pod the Deployment of Istio's gateway chart would make (no controller-manager runs in
+    the plain control plane): the chart helm-installed into ``namespace``, its pod template as a
+    pod, not yet created."""
+    release = "gateway"  # the same in every namespace: the proxy's environment names it
+    chart.helm(
+        "install", release, str(build.charts / "gateway"), "-n", namespace,
+        kubeconfig=control_plane.kubeconfig_path,
+    )  # fmt: skip
+    run = control_plane.kubectl("-n", namespace, "get", "deployment", release, "-o", "json")
+    template = json.loads(run.stdout)["spec"]["template"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {**template["metadata"], "name": release},
+        "spec": template["spec"],
+    }
+
+
+def resolv_conf_servers(path: Path = Path("/etc/resolv.conf")) -> list[str]:
+    """The nameservers istio-iptables, run on this machine, reads."""
+    return [
+        w[1]
+        for line in path.read_text().splitlines()
+        if (w := line.split()) and w[0] == "nameserver" and len(w) > 1
+    ]
+
+
+def without_dns_servers(text: str) -> str:
+    """istio-init's DNS rules with the nameservers it took from resolv.conf dropped: the node agent
+    cannot read the pod's resolv.conf, so it captures all DNS, as Istio's CNI plugin does."""
+    for server in resolv_conf_servers():
+        text = text.replace(f" -d {server}/32", "").replace(f" -s {server}/32", "")
+    return text
