@@ -96,6 +96,16 @@ def _stable(value: Any) -> Any:
     return value
 
 
+def _comparable(kind: str, body: dict[str, Any]) -> Any:
+    """What two listings of equal rulesets have alike for one object (cheap: runs per rule)."""
+    if kind == "rule":
+        exprs = body.get("expr")
+        if isinstance(exprs, list):
+            exprs = [{"counter": None} if isinstance(e, dict) and "counter" in e else e for e in exprs]
+        return (exprs, body.get("comment"))
+    return json.dumps(_stable(body), sort_keys=True)
+
+
 def _without_handles(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_handles(v) for k, v in value.items() if k != "handle"}
@@ -112,14 +122,15 @@ def _ours(kind: str, body: dict[str, Any]) -> bool:
 @dataclass(frozen=True, slots=True)
 class Item:
     """One listed object of ours: its kind, table, chain ("" for a table), the body as nft
-    listed it (what a rollback writes back, counters included, handles dropped then), and the
-    body without handles and counter values as text (what comparisons use)."""
+    listed it (what a rollback writes back, counters included, handles dropped then), and what
+    comparisons use: a rule's statements with counter values zeroed (and its comment), any other
+    object's body without its handle, as text."""
 
     kind: str
     table: str
     chain: str
     body: dict[str, Any]
-    stable: str
+    stable: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +139,7 @@ class Owned:
     as sets, each chain's rules in order, handles and counter values left out."""
 
     items: tuple[Item, ...] = ()
-    key: tuple[tuple[str, ...], tuple[tuple[tuple[str, str], tuple[str, ...]], ...]] = field(
+    key: tuple[tuple[str, ...], tuple[tuple[tuple[str, str], tuple[Any, ...]], ...]] = field(
         default=((), ()), compare=False
     )
 
@@ -136,13 +147,14 @@ class Owned:
     def of(cls, items: Iterable[Item]) -> Owned:
         kept = tuple(items)
         objects: list[str] = []
-        rules: dict[tuple[str, str], list[str]] = {}
+        rules: dict[tuple[str, str], list[Any]] = {}
         for item in kept:
             if item.kind == "rule":
                 rules.setdefault((item.table, item.chain), []).append(item.stable)
             else:
                 objects.append(f"{item.kind} {item.stable}")
-        return cls(kept, (tuple(sorted(objects)), tuple(sorted((k, tuple(v)) for k, v in rules.items()))))
+        grouped = tuple(sorted(((k, tuple(v)) for k, v in rules.items()), key=lambda kv: kv[0]))
+        return cls(kept, (tuple(sorted(objects)), grouped))
 
     @classmethod
     def from_listing(cls, text: str) -> Owned:
@@ -163,13 +175,13 @@ class Owned:
                 continue
             table = str(body.get("name") if kind == "table" else body.get("table"))
             chain = str(body.get("chain", body.get("name", ""))) if kind != "table" else ""
-            items.append(Item(kind, table, chain, body, json.dumps(_stable(body), sort_keys=True)))
+            items.append(Item(kind, table, chain, body, _comparable(kind, body)))
         return cls.of(items)
 
     def is_empty(self) -> bool:
         return not self.items
 
-    def canonical(self) -> tuple[tuple[str, ...], dict[tuple[str, str], tuple[str, ...]]]:
+    def canonical(self) -> tuple[tuple[str, ...], dict[tuple[str, str], tuple[Any, ...]]]:
         return self.key[0], dict(self.key[1])
 
     def same_rules(self, other: Owned) -> bool:
