@@ -322,20 +322,34 @@ class Bench:
                 done.set()
 
         async def watch() -> None:
+            """List, then watch from there; a stream that ends or breaks is listed and watched
+            again (said on stderr), so a pod is never waited for that is already marked."""
             nonlocal bench_watch_bytes
-            body = await api.get(f"/api/v1/namespaces/{ns}/pods")
-            params = {"watch": "1", "resourceVersion": body["metadata"]["resourceVersion"]}
-            async with api.client.stream(
-                "GET", f"/api/v1/namespaces/{ns}/pods", params=params, timeout=None
-            ) as response:
-                buffer = b""
-                async for chunk in response.aiter_bytes():
-                    bench_watch_bytes += len(chunk)
-                    buffer += chunk
-                    *lines, buffer = buffer.split(b"\n")
-                    for line in lines:
-                        if line.strip():
-                            seen(json.loads(line))
+            path = f"/api/v1/namespaces/{ns}/pods"
+            for attempt in range(1000):
+                if attempt:
+                    await asyncio.sleep(0.2)
+                try:
+                    body = await api.get(path)
+                    for item in body.get("items") or []:
+                        seen({"type": "ADDED", "object": item})
+                    params = {"watch": "1", "resourceVersion": body["metadata"]["resourceVersion"]}
+                    async with api.client.stream("GET", path, params=params, timeout=None) as response:
+                        buffer = b""
+                        async for chunk in response.aiter_bytes():
+                            bench_watch_bytes += len(chunk)
+                            buffer += chunk
+                            *lines, buffer = buffer.split(b"\n")
+                            for line in lines:
+                                if line.strip():
+                                    seen(json.loads(line))
+                    print(
+                        f"  (benchmark's watch ended with HTTP {response.status_code}: listing again)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                except Exception as exc:  # any break: list and watch again
+                    print(f"  (benchmark's watch broke: {exc!r}: listing again)", file=sys.stderr, flush=True)
 
         def make_sandbox(i: int, uid: str) -> None:
             if i not in sleepers:
@@ -370,7 +384,15 @@ class Bench:
         schedule = [started + (i / rate if rate else 0.0) for i in range(count)]
         try:
             await asyncio.gather(*(one(i, at) for i, at in enumerate(schedule)))
-            await asyncio.wait_for(done.wait(), timeout=TRIAL_TIMEOUT)
+            try:
+                await asyncio.wait_for(done.wait(), timeout=TRIAL_TIMEOUT)
+            except TimeoutError:
+                print(
+                    f"  ({count - len(initialized)} of {count} pods not seen marked within "
+                    f"{TRIAL_TIMEOUT:.0f} s: left out of the figures)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         finally:
             finished = time.monotonic()
             for task in list(deleting):
