@@ -146,6 +146,7 @@ class Options:
     timeout: float = 60.0
     json_summary: Path | None = None
     live: bool | None = None  # None: when stdout is a terminal
+    real_node: bool = False  # real kubelets, containerd and runc (``demo.realnode``)
 
 
 def workdir_parent() -> Path:
@@ -755,6 +756,10 @@ class Demo:
 def run(options: Options) -> int:
     """The ``demo`` command: 0 only when every pod initialized and ran and every request was
     intercepted; 1 otherwise (with one line saying why)."""
+    if options.real_node:
+        from . import realnode
+
+        return realnode.run(options)
     try:
         check_prerequisites()
     except DemoError as exc:

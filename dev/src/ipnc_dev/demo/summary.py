@@ -101,6 +101,8 @@ class Summary:
     setup_seconds: float = 0.0
     teardown_seconds: float = 0.0
     kept: bool = False
+    real_node: bool = False  # ran on real nodes (``demo --real-node``)
+    host: str = ""  # real nodes: "as it was" after the harness's comparison, else the differences
     pods: list[PodRecord] = field(default_factory=list)
     hops: list[HopRecord] = field(default_factory=list)
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -163,11 +165,14 @@ def print_summary(display: Display, summary: Summary) -> None:
     intercepted = sum(1 for h in summary.hops if h.intercepted)
     direct = sum(p.reached_directly for p in summary.pods)
     verdict = "[green]OK[/green]" if summary.ok else "[red]FAILED[/red]"
+    where = " on real nodes" if summary.real_node else ""
+    # The stand-ins count connections that reached an application directly; a real node's
+    # application does not listen, so there is nothing to count.
+    around = "" if summary.real_node else f", {direct} reached an application around its sidecar"
     display.plain(
-        f"{verdict}: {running}/{len(summary.pods)} pods initialized and running under restricted, "
+        f"{verdict}: {running}/{len(summary.pods)} pods initialized and running under restricted{where}, "
         f"{intercepted}/{len(summary.hops)} requests intercepted by the sender's sidecar with their original "
-        f"destination, {direct} reached an application around its sidecar; "
-        f"set-up {summary.setup_seconds:.1f} s, total {summary.seconds:.1f} s"
+        f"destination{around}; set-up {summary.setup_seconds:.1f} s, total {summary.seconds:.1f} s"
     )
 
 
