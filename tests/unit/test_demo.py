@@ -4,13 +4,14 @@ that what the demo shows is what happens to a real meshed pod."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from ipnc_dev.demo import orchestration, scenario
+from ipnc_dev.demo import orchestration, realnode, scenario
 from istio_pod_network_controller.render import render
 from istio_pod_network_controller.spec import spec_from_pod
 
@@ -31,7 +32,7 @@ def _container(pod: dict[str, Any], name: str) -> dict[str, Any]:
 def test_not_root_fails_with_one_line_naming_the_setup_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(orchestration.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
     assert orchestration.run(orchestration.Options()) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs root" in err and "./scripts/setup" in err, err
@@ -40,7 +41,7 @@ def test_not_root_fails_with_one_line_naming_the_setup_command(
 def test_a_missing_test_binary_names_the_setup_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(orchestration.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(orchestration, "SYSTEM_TOOLS", ("ls",))
     monkeypatch.delenv("KUBEBUILDER_ASSETS", raising=False)
     monkeypatch.delenv("IPNC_TESTBIN_DIR", raising=False)
@@ -51,7 +52,7 @@ def test_a_missing_test_binary_names_the_setup_command(
 
 
 def test_a_missing_system_tool_names_it_and_the_setup_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(orchestration.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(orchestration, "SYSTEM_TOOLS", ("ls", "ipnc-no-such-tool"))
     expected = r"missing system tools: ipnc-no-such-tool\. Run \./scripts/setup"
     with pytest.raises(orchestration.DemoError, match=expected):
@@ -83,3 +84,41 @@ def test_only_istio_init_adds_capabilities() -> None:
     pod["spec"]["initContainers"] = [c for c in pod["spec"]["initContainers"] if c["name"] != "istio-init"]
     assert scenario.added_capabilities(pod) == []
     assert pod["spec"]["nodeName"] == "node-2" and pod["spec"]["serviceAccountName"] == "backend"
+
+
+# -- demo --real-node ------------------------------------------------------------------------------------
+
+
+def test_real_node_without_its_binaries_fails_with_one_line_naming_the_setup_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setenv("IPNC_REALNODE_CACHE", str(tmp_path))
+    assert orchestration.run(orchestration.Options(real_node=True)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "--real-node needs the real-node binaries and images" in err and "./scripts/setup" in err, err
+    assert "kubelet" in err, err
+
+
+def test_real_node_pods_change_only_the_sidecar_image_and_the_application() -> None:
+    ours = realnode.real_pod("frontend", stub="stub:1", busybox="busybox:1", target="10.0.0.9", requests=2)
+    istio = scenario.sample_pod("frontend", "mesh-demo", "node-1", name=ours["metadata"]["name"])
+    assert ours["metadata"] == istio["metadata"]
+    assert _container(ours, "istio-init") == _container(istio, "istio-init")
+    proxy, theirs = _container(ours, "istio-proxy"), _container(istio, "istio-proxy")
+    assert (proxy.pop("image"), proxy.pop("imagePullPolicy")) == ("stub:1", "Never")
+    assert proxy == {k: v for k, v in theirs.items() if k != "image"}
+    (app,) = ours["spec"]["containers"]
+    assert app["image"] == "busybox:1" and app["securityContext"]["runAsUser"] == realnode.APP_UID
+    assert {"name": "TARGET", "value": "10.0.0.9"} in app["env"]
+    assert {"name": "REQUESTS", "value": "2"} in app["env"]
+    last = realnode.real_pod("database", stub="s", busybox="b", target=None, requests=2)
+    assert "nc " not in last["spec"]["containers"][0]["command"][-1]
+
+
+def test_real_node_replies_and_sidecar_records_are_read_from_logs() -> None:
+    app_log = 'client: {"server": "istio-proxy", "token": "req:1:a"}\nnoise\nclient: not json\n'
+    assert realnode.client_replies(app_log) == [{"server": "istio-proxy", "token": "req:1:a"}, {}]
+    sidecar_log = '{"token": "req:1:a"}\n{"token": 5}\n[1]\nhealth ok\n{"token": "req:2:a"}\n'
+    assert realnode.sidecar_tokens(sidecar_log) == {"req:1:a", "req:2:a"}
