@@ -246,10 +246,6 @@ def shown(options: Options, switches: frozenset[str], *, ipv6: bool, mode: Mode)
     return found
 
 
-# Classes Istio's iptables mode refuses and its nft mode takes.
-NFT_ONLY = frozenset({"port-range-dash", "owner-groups-50-to-63", "owner-groups-64"})
-
-
 def allowed(ids: set[str], mode: Mode) -> list[Difference]:
     """The entries among ``ids`` on which ours and Istio's part in ``mode``."""
     return [BY_ID[i] for i in sorted(ids) if BY_ID[i].differs(mode)]
