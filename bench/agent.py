@@ -59,7 +59,7 @@ from _common import (
 )
 from ipnc_dev.cgroups import KubeletCgroups
 from ipnc_dev.controlplane import ControlPlane, free_port
-from ipnc_dev.netlab import Netlab
+from ipnc_dev.netlab import Netlab, Process
 from istio_pod_network_controller import names
 from istio_pod_network_controller.cluster.api import Api
 
@@ -250,12 +250,12 @@ class Bench:
                     )
                 )
             )
-            sleepers: dict[int, Any] = {}
+            sleepers: dict[int, Process] = {}
             if rate is None:  # a burst: the sandboxes' processes exist before (the kubelet was faster)
-                for i, pid in enumerate(
+                for i, proc in enumerate(
                     await asyncio.gather(*(loop.run_in_executor(self.pool, lab.sleeper, p) for p in paths))
                 ):
-                    sleepers[i] = pid
+                    sleepers[i] = proc
             controller = Controller(variant, self.cp.kubeconfig_path, node, self.workers)
             try:
                 await loop.run_in_executor(None, controller.wait_ready)
@@ -278,7 +278,7 @@ class Bench:
         ns: str,
         node: str,
         paths: list[str],
-        sleepers: dict[int, Any],
+        sleepers: dict[int, Process],
         rate: float | None,
         keep: int | None,
     ) -> None:
