@@ -295,3 +295,55 @@ def test_many_namespaces_programmed_at_once_each_get_their_last_ruleset(lab: Net
     finally:
         for ns in handles:
             ns.close()
+
+
+def iptables_ours(ns: Netns) -> str:
+    saved = [ns.run([save]).stdout for save in ("iptables-nft-save", "ip6tables-nft-save")]
+    return "".join(line for text in saved for line in text.splitlines(keepends=True) if "ISTIO" in line)
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [((), ()), (("-m", "TPROXY", "--ipv6"), ()), ((), ("-m", "TPROXY", "--ipv6"))],
+    ids=["redirect", "from-tproxy", "to-tproxy"],
+)
+def test_switching_the_mode_leaves_only_the_new_modes_rules(
+    lab: Netlab, runner: Runner, before: tuple[str, ...], after: tuple[str, ...]
+) -> None:
+    from istio_pod_network_controller.node.apply import Applier
+    from istio_pod_network_controller.node.backend import Backend, tools
+    from istio_pod_network_controller.render import render
+
+    iptables = Applier(tools(Backend.NFT))
+
+    def routes_of(ns: Netns) -> str:
+        return ns.run(["ip", "-4", "rule"]).stdout + ns.run(["ip", "-6", "rule"]).stdout
+
+    with Netns(lab.add_netns("switched")) as ns, Netns(lab.add_netns("nft-only")) as nft_only:
+        # iptables mode, then the agent restarts in nftables mode and re-checks the pod.
+        iptables.apply(ns, render(parse_flags([*SIDECAR, *before])))
+        assert iptables_ours(ns) != ""
+        result = NftApplier(runner).apply(ns, plan(*after), fresh=False)
+        assert "rules of iptables mode removed" in result.replaced
+        assert iptables_ours(ns) == ""
+        NftApplier(runner).apply(nft_only, plan(*after))
+        assert ours(ns) == ours(nft_only)
+        assert routes_of(ns).count("lookup 133") == routes_of(nft_only).count("lookup 133")
+
+        # And back: nftables mode's tables go when iptables mode re-checks the pod.
+        back = iptables.apply(ns, render(parse_flags([*SIDECAR, *before])), fresh=False)
+        assert "tables of nftables mode" in back.replaced
+        assert ours(ns) == "" and iptables_ours(ns) != ""
+        assert ("lookup 133" in routes_of(ns)) == ("TPROXY" in before)
+
+
+def test_a_new_pods_apply_looks_for_no_other_mode(pod_ns: Netns, runner: Runner) -> None:
+    # A sandbox believed new cannot hold the other mode's rules: nothing is read for them, and a
+    # namespace holding some (a test's doing) keeps them.
+    from istio_pod_network_controller.node.apply import Applier
+    from istio_pod_network_controller.node.backend import Backend, tools
+    from istio_pod_network_controller.render import render
+
+    Applier(tools(Backend.NFT)).apply(pod_ns, render(parse_flags(list(SIDECAR))))
+    result = NftApplier(runner).apply(pod_ns, plan())
+    assert result.replaced == "" and iptables_ours(pod_ns) != ""

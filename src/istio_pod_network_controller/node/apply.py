@@ -12,6 +12,7 @@ programmed by two threads at once; different namespaces proceed in parallel.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import threading
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..render import render
+from ..render.nftables import TableName
 from ..render.ruleset import TPROXY, Ruleset
 from . import routes, tables
 from .backend import Family, Tools
@@ -136,6 +138,34 @@ class ExpectedCache:
             while len(self._items) > self._size:
                 self._items.popitem(last=False)
         return result
+
+
+def remove_nftables_mode(ns: Netns, *, keep_routes: bool) -> list[str]:
+    """Delete our native nftables mode's tables from ``ns`` (when nft is installed) and, unless
+    ``keep_routes``, the TPROXY policy route they used. Notes on what was done."""
+    try:
+        nft = tool("nft")
+    except NodeError:
+        return []
+    listed = ns.run([nft, "-j", "list", "tables"])
+    try:
+        objects = json.loads(listed.stdout)["nftables"] if listed.ok else []
+        present = {o["table"]["name"] for o in objects if "table" in o and o["table"].get("family") == "inet"}
+    except (ValueError, KeyError, TypeError):
+        return []
+    ours = [t.value for t in TableName if t.value in present]
+    if not ours:
+        return []
+    done = ns.run([nft, "-f", "-"], stdin="".join(f"delete table inet {name}\n" for name in ours))
+    what = f"tables of nftables mode ({', '.join(ours)})"
+    notes = [f"{what} removed" if done.ok else f"{what} not removed: {done.reason()}"]
+    if done.ok and not keep_routes and TableName.MANGLE.value in ours:
+        for family in Family:
+            try:
+                routes.write(ns, family, routes.read_state(ns, family), routes.RouteState())
+            except NodeError:
+                continue  # IPv6 off here, or nothing of ours
+    return notes
 
 
 @contextlib.contextmanager
@@ -300,6 +330,11 @@ class Applier:
             rollback = self._rollback(ns, fams, route_before, added_passthrough)
             reason = self._gone_or(ns, exc.reason)
             raise ApplyError(exc.step, reason + rollback) from None
+        if pending and not fresh and all(f.before is not None and f.before.is_empty() for f in fams):
+            # Nothing of ours in iptables mode, yet a re-check: perhaps programmed in native
+            # nftables mode before the agent's mode changed. Ours are in place and verified;
+            # the other mode's tables go now, so that the two never both stay.
+            replaced += remove_nftables_mode(ns, keep_routes=ruleset.tproxy is not None)
         return bool(pending) or routes_written or added_passthrough
 
     def _can_create(self, fams: list[_FamilyState], ruleset: Ruleset) -> bool:

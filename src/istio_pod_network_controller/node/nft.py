@@ -30,11 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from ..render.nftables import FAMILY, NftRuleset, TableName, render_nftables
+from ..render.ruleset import TPROXY as TPROXY_CHAIN_IPTABLES
 from ..render.ruleset import TproxyRoute
 from ..spec import RedirectSpec
-from . import routes
+from . import routes, tables
 from .apply import ApplyResult, NamespaceLocks, StepHook, scratch_netns
-from .backend import Family
+from .backend import Backend, Family
+from .backend import tools as backend_tools
 from .errors import ApplyError, NodeError
 from .netns import CLONE_NEWNET, Completed, Netns, tool
 
@@ -476,6 +478,40 @@ def restore_transaction(previous: Owned) -> str:
     return json.dumps({"nftables": [*clear, *previous.restore_commands()]})
 
 
+# -- the other mode ---------------------------------------------------------------------------
+
+
+def remove_iptables_mode(ns: Netns, *, keep_routes: bool) -> list[str]:
+    """Remove our iptables-mode rules from ``ns``, with either iptables backend installed here;
+    and, unless ``keep_routes``, the TPROXY policy route they used. Notes on what was done."""
+    notes: list[str] = []
+    for backend in Backend:
+        try:
+            found = backend_tools(backend)
+        except NodeError:
+            continue
+        for family in Family:
+            saved = ns.run(found.save_argv(family))
+            if not saved.ok:
+                continue  # no such family here, or nothing loaded
+            try:
+                owned = tables.owned(tables.parse_save(saved.stdout))
+            except tables.RulesetFormatError:
+                continue
+            if owned.is_empty():
+                continue
+            text = tables.replace_transaction(owned, tables.Desired())
+            done = ns.run(found.restore_argv(family), stdin=text)
+            what = f"{family.value} ({backend.value}) rules of iptables mode"
+            notes.append(f"{what} removed" if done.ok else f"{what} not removed: {done.reason()}")
+            if done.ok and not keep_routes and ("mangle", TPROXY_CHAIN_IPTABLES) in owned.chains:
+                try:
+                    routes.write(ns, family, routes.read_state(ns, family), routes.RouteState())
+                except NodeError as exc:
+                    notes.append(f"{family.name} policy route not removed: {exc.reason}")
+    return notes
+
+
 # -- the applier ------------------------------------------------------------------------------
 
 
@@ -600,6 +636,11 @@ class NftApplier:
         except NodeError as exc:
             rollback = self._rollback(ns, nft, work)
             raise ApplyError(exc.step, self._gone_or(ns, exc.reason) + rollback) from None
+        if pending and before.is_empty() and not fresh:
+            # Nothing of ours in nftables mode, yet a re-check: perhaps programmed in iptables
+            # mode before the agent's mode changed. Our tables are in place and verified; the
+            # other mode's rules go now, so that the two never both stay.
+            work.replaced += remove_iptables_mode(ns, keep_routes=plan.tproxy is not None)
         return pending or routes_written or work.added_passthrough
 
     def _create(self, ns: Netns, nft: Session, plan: NftPlan, want: Owned, work: _Work) -> bool:
