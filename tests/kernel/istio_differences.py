@@ -113,6 +113,7 @@ DIFFERENCES: tuple[Difference, ...] = (
     _entry("empty-id-list", ("-u", ","), both(ACCEPTS, ACCEPTS, REFUSES, REFUSES)),
     _entry("user-names", ("-u", "root"), both(ACCEPTS, ACCEPTS, REFUSES, REFUSES)),
     _entry("run-control-flags", ("--skip-rule-apply",), both(*[ACCEPTS] * 4), same_state=False),
+    _entry("envoy-user", ("-u", "", "ENVOY_USER=daemon"), both(*[ACCEPTS] * 4), same_state=False),
     _entry("list-over-limit", ("-o", _PORTS_1001), both(ACCEPTS, ACCEPTS, REFUSES, REFUSES)),
     _entry(
         "owner-groups-64", ("--owner-groups-include", _GROUPS_64), both(REFUSES, REFUSES, REFUSES, ACCEPTS)
@@ -127,8 +128,8 @@ BY_ID: dict[str, Difference] = {d.id: d for d in DIFFERENCES}
 
 
 # What a generated configuration shows. A configuration is istio-iptables' options by short flag
-# (``-b``...; ``--owner-groups-include`` and the other env-only settings under their flag names),
-# the switches that are on, and whether the pod has IPv6.
+# (``-b``...; ``--owner-groups-include`` and the other env-only settings under their flag names;
+# ``ENVOY_USER`` under its own), the switches that are on, and whether the pod has IPv6.
 Options = Mapping[str, str]
 
 PORT_LISTS = ("-b", "-d", "-q", "-o")
@@ -192,6 +193,8 @@ def shown(options: Options, switches: frozenset[str], *, ipv6: bool, mode: Mode)
     found: set[str] = set()
     if switches & set(RUN_CONTROL_FLAGS):
         found.add("run-control-flags")
+    if "ENVOY_USER" in options and options.get("-u", "") == "":
+        found.add("envoy-user")
     if any(len([i for i in text.split(",") if i]) > MAX_LIST_ITEMS for text in options.values()):
         found.add("list-over-limit")
     parts = _number_parts(options, NUMBER_FLAGS)

@@ -112,6 +112,7 @@ class Config:
     dns_v4: tuple[str, ...] = ()
     dns_v6: tuple[str, ...] = ()
     ipv6: bool = False
+    istio_env: dict[str, str] = field(default_factory=dict)  # settings only Istio has (ENVOY_USER)
 
     def ours(self) -> list[str]:
         args = [arg for flag, value in self.options.items() for arg in (flag, value)]
@@ -137,10 +138,10 @@ class Config:
                 env[self.env_names[switch]] = "true"
             else:
                 args.append(switch)
-        return IstioConfig(args, env, [*self.dns_v4, *self.dns_v6], self.ipv6)
+        return IstioConfig(args, {**env, **self.istio_env}, [*self.dns_v4, *self.dns_v6], self.ipv6)
 
     def shown(self, mode: Mode) -> set[str]:
-        options = dict(self.options)
+        options = {**self.options, **self.istio_env}
         if self.dns_v6:
             options["--dns-servers-v6"] = ",".join(self.dns_v6)
         return shown(options, self.switches, ipv6=self.ipv6, mode=mode)
@@ -264,7 +265,13 @@ def configurations(draw: st.DrawFn) -> Config:
         if name in FLAG_ENV and draw(st.booleans()):
             env_names[name] = draw(st.sampled_from(FLAG_ENV[name]))
     dns_v4, dns_v6, ipv6 = draw(DNS_V4), extra.dns_v6 or draw(DNS_V6), extra.ipv6 or draw(st.booleans())
-    return Config(options, switches, env_names, dns_v4, dns_v6, ipv6)
+    # The user istio-iptables takes the proxy's UID from when -u is empty (an existing one, or not).
+    istio_env = (
+        {"ENVOY_USER": draw(st.sampled_from(["daemon", "nosuchuser"]))}
+        if draw(st.integers(0, 9)) == 0
+        else {}
+    )
+    return Config(options, switches, env_names, dns_v4, dns_v6, ipv6, {**istio_env, **extra.istio_env})
 
 
 def config_of(args: tuple[str, ...] | list[str]) -> Config:
@@ -273,10 +280,14 @@ def config_of(args: tuple[str, ...] | list[str]) -> Config:
     switches: set[str] = set()
     dns_v6: tuple[str, ...] = ()
     ipv6 = False
+    istio_env: dict[str, str] = {}
     rest = iter(args)
     for flag in rest:
         if flag == "--ipv6":
             ipv6 = True
+        elif re.fullmatch(r"[A-Z_]+=.*", flag):
+            name, _, value = flag.partition("=")
+            istio_env[name] = value
         elif flag == "--dns-servers-v6":
             dns_v6 = tuple(next(rest).split(","))
         elif (
@@ -288,7 +299,7 @@ def config_of(args: tuple[str, ...] | list[str]) -> Config:
             switches.add(flag)
         else:
             options[flag] = next(rest)
-    return Config(options, frozenset(switches), {}, (), dns_v6, ipv6)
+    return Config(options, frozenset(switches), {}, (), dns_v6, ipv6, istio_env)
 
 
 @dataclass
