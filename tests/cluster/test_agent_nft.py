@@ -92,3 +92,38 @@ def test_pods_are_programmed_in_nftables_mode_and_a_restart_rewrites_nothing(
         assert second.stop() == 0, second.logs()[-3000:]
     finally:
         second.close()
+
+
+def test_an_agent_restarted_in_the_other_mode_moves_every_pod_to_it(
+    cluster: Cluster,  # noqa: F811
+    agent_kubeconfig: Path,  # noqa: F811
+) -> None:
+    meshed = [f"switch-{i}" for i in range(4)]
+    first = AgentProcess(agent_kubeconfig, cluster.node)
+    try:
+        first.start().wait_ready()
+        for name in meshed:
+            cluster.create(meshed_pod(name, cluster.node))
+        wait_for("4 pods initialized", lambda: cluster.initialized(meshed), timeout=120)
+        assert first.stop() == 0
+    finally:
+        first.close()
+    uids = {name: pod["metadata"]["uid"] for name, pod in cluster.pods().items() if name in meshed}
+    assert all("ISTIO" in cluster.boxes.iptables_save(uid) for uid in uids.values())
+
+    second = AgentProcess(agent_kubeconfig, cluster.node, extra=NATIVE)
+    try:
+        second.start().wait_ready()
+
+        def all_moved() -> bool:
+            pods = cluster.pods()
+            return all(detail(pods[name]).get("mode") == "nftables" for name in meshed)
+
+        wait_for("every pod re-marked in nftables mode", all_moved, timeout=120)
+        for name, uid in uids.items():
+            path = cluster.boxes.by_uid[uid].path
+            assert "table inet istio-proxy-nat" in nft_listing(path), name
+            assert "ISTIO" not in cluster.boxes.iptables_save(uid), name
+        assert second.stop() == 0, second.logs()[-3000:]
+    finally:
+        second.close()
