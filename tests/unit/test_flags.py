@@ -155,3 +155,59 @@ def test_owner_groups_include_has_istio_iptables_own_limit() -> None:
         match=f"--owner-groups-include: 65 groups, more than the limit of {MAX_OWNER_GROUPS_INCLUDE}",
     ):
         parse_flags(["--owner-groups-include", groups])
+
+
+def test_repeated_items_are_kept_in_order_as_istio_writes_them() -> None:
+    spec = parse_flags(["-b", "80,80", "-u", "1,1", "-c", "eth1,eth1", "-i", "10.0.0.0/8,10.0.0.0/8"])
+    assert spec.inbound_ports.ports == (80, 80)
+    assert spec.proxy_uids == (1, 1)
+    assert spec.exclude_interfaces == ("eth1", "eth1")
+    assert len(spec.outbound_cidrs.cidrs) == 2
+
+
+def test_port_ranges_keep_their_spelling_and_cover_their_ports() -> None:
+    spec = parse_flags(["-o", "8000:8010,:80,9000-9010", "-e", "60000:"])
+    first, open_low, dashed = spec.outbound_ports_exclude
+    assert (str(first), str(open_low), str(dashed)) == ("8000:8010", ":80", "9000-9010")
+    assert 8005 in spec.outbound_ports_exclude and 80 in spec.outbound_ports_exclude
+    assert 8011 not in spec.outbound_ports_exclude
+    assert str(spec.inbound_tunnel_port) == "60000:"
+
+
+def test_port_zero_is_a_port_as_for_istio() -> None:
+    assert parse_flags(["-p", "0", "-b", "0"]).proxy_port == 0
+
+
+def test_mark_and_table_are_checked_against_tproxy_only_where_tproxy_uses_them() -> None:
+    parse_flags(["-t", "1338", "-r", "254"])  # REDIRECT: istio-iptables ignores both
+    with pytest.raises(SpecError, match=r"^-t: .*1338"):
+        parse_flags(["-m", "TPROXY", "-t", "1338"])
+    with pytest.raises(SpecError, match=r"^-r: .*main"):
+        parse_flags(["-m", "TPROXY", "-r", "254"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "reason"),
+    [
+        (["-b", "010"], "without leading zeros"),
+        (["-u", "010"], "without leading zeros"),
+        (["-b", "0x50"], "decimal"),
+        (["-b", "http"], "service names are refused"),
+        (["-b", "80, "], "blank item"),
+        (["-b", " *"], "stands alone"),
+        (["-p", ""], "missing"),
+        (["-m", "tproxy"], "in capitals"),
+        (["-i", "10.0.0.0/08"], "leading zeros"),
+        (["-c", "e+th"], "at the end"),
+    ],
+)
+def test_what_istio_reads_otherwise_or_refuses_is_refused_in_one_line(argv: list[str], reason: str) -> None:
+    with pytest.raises(SpecError, match=reason) as refused:
+        parse_flags(argv)
+    assert str(refused.value).startswith(f"{argv[0]}: invalid value ")
+    assert "\n" not in str(refused.value)
+
+
+def test_ipv4_mapped_loopback_is_loopback() -> None:
+    assert parse_flags(["-i", "::ffff:127.0.0.1/128"]).outbound_cidrs.has_loopback
+    assert not parse_flags(["-i", "::ffff:10.0.0.1/128"]).outbound_cidrs.has_loopback
