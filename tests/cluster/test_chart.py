@@ -200,8 +200,12 @@ def test_applied_agent_daemonset(applied: dict[str, list[dict[str, Any]]]) -> No
         assert container["securityContext"]["runAsUser"] == 0
         mounts = {m["name"]: m for m in container["volumeMounts"]}
         assert mounts["host-proc"] == {"name": "host-proc", "mountPath": "/host/proc", "readOnly": True}
+        assert mounts["host-cgroup"] == {
+            "name": "host-cgroup", "mountPath": "/host/sys/fs/cgroup", "readOnly": True
+        }
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert volumes["host-proc"]["hostPath"] == {"path": "/proc", "type": "Directory"}
+        assert volumes["host-cgroup"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
         env = {e["name"]: e for e in container["env"]}
         assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
         assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
@@ -701,6 +705,7 @@ def test_helm_lint_is_clean(settings: list[str]) -> None:
         ("image.digest=md5:abc", "at '/image/digest': 'md5:abc' does not match"),
         ("image.pullPolicy=Sometimes", "at '/image/pullPolicy': 'Sometimes' does not match"),
         ("agent.hostProcPath=proc", "at '/agent/hostProcPath': 'proc' does not match"),
+        ("agent.hostCgroupPath=sys", "at '/agent/hostCgroupPath': 'sys' does not match"),
         ("webhook.certManager.duration=1year", "at '/webhook/certManager/duration': '1year' does not match"),
         ("agent.worker=4", "at '/agent': additional properties 'worker' not allowed"),
         ("kubernetesDistrib=OpenShift", "additional properties 'kubernetesDistrib' not allowed"),
@@ -995,3 +1000,10 @@ def test_native_nftables_reaches_the_agent(values: dict[str, bool], native: bool
     assert ("--native-nftables" in args) is native
     assert run.build_parser().parse_args(args[1:]).native_nftables is native
     assert "--iptables-backend=auto" in args  # still the iptables variant, unused in nftables mode
+
+
+def test_host_cgroup_tree_is_optional() -> None:
+    objects = chart.parse(chart.template(RELEASE_NS, {"agent.hostCgroupPath": ""}))
+    pod = one(objects, "DaemonSet")["spec"]["template"]["spec"]
+    assert "host-cgroup" not in {v["name"] for v in pod["volumes"]}
+    assert "host-cgroup" not in {m["name"] for m in pod["containers"][0]["volumeMounts"]}
