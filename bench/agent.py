@@ -7,7 +7,8 @@ falls on both alike):
 * ``floor`` (``bench/floor.py``): the least any such controller does -- the same node-scoped
   watch, one status patch and one Event per pod, no node work;
 * ``ours``: the real agent process (``run``); with ``--before-src`` also ``before``, the agent
-  from another source tree (an exported older commit), in the same rotation.
+  from another source tree (an exported older commit), and with ``--nft`` also ``nft``, the
+  agent in its native nftables mode, in the same rotation.
 
 Each trial gets a fresh node name, namespace and sandboxes. For each pod, as a kubelet would, the
 benchmark makes a sandbox (a network namespace holding the pod IP, a process in a kubelet-style pod
@@ -106,8 +107,9 @@ def pod_address(i: int) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    name: str  # floor | ours | before
+    name: str  # floor | ours | before | nft
     src: str | None = None  # another source tree for the agent (``before``)
+    extra: tuple[str, ...] = ()  # more flags for the agent (``nft``: its native nftables mode)
 
     def argv(self, kubeconfig: Path, node: str, port: int, workers: int) -> list[str]:
         if self.name == "floor":
@@ -126,6 +128,7 @@ class Variant:
             f"--listen-address=127.0.0.1:{port}",
             f"--workers={workers}",
             "--log-level=warning",
+            *self.extra,
         ]
 
 
@@ -559,6 +562,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--before-src", help="a src folder with an older agent, run as 'before'")
     parser.add_argument("--no-floor", action="store_true")
+    parser.add_argument("--nft", action="store_true", help="also the agent in native nftables mode, as 'nft'")
     parser.add_argument(
         "--rss-pods", type=int, default=0, help="one more trial per controller with this many pods"
     )
@@ -576,6 +580,8 @@ def main() -> None:
     if args.before_src:
         variants.append(Variant("before", str(Path(args.before_src).resolve())))
     variants.append(Variant("ours"))
+    if args.nft:
+        variants.append(Variant("nft", extra=("--native-nftables",)))
     with ControlPlane.start() as cp:
         result = asyncio.run(run(cp, args, variants))
     print(json.dumps(flat(result), sort_keys=False))
