@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,7 +134,17 @@ class Istiod:
     build: IstioBuild
     revision: str = ""
     values: Mapping[str, str] = field(default_factory=dict)
+    # Where it listens: every port on this address, its webhook on ``https_port``. The defaults
+    # suit the plain control plane (a loopback address of its own, the Service's port 443).
     address: str = field(default_factory=_loopback_address)
+    https_port: int = 443
+    # Prefix of its command line (e.g. ``nsenter --net=...`` to run it in a node's network).
+    launcher: tuple[str, ...] = ()
+    # (ServiceAccount, path) -> a kubeconfig for that account; default: the control plane's own
+    # address with a token of the account.
+    kubeconfig_writer: Callable[[str, Path], Path] | None = None
+    # How the API server reaches the chart's Service; default: ExternalName (see the docstring).
+    route: Callable[[Istiod], None] | None = None
     folder: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ipnc-istiod-")))
     popen: subprocess.Popen[bytes] | None = None
 
@@ -147,11 +157,6 @@ class Istiod:
         return f"istiod-{self.revision}" if self.revision else "istiod"
 
     @property
-    def webhook_configuration(self) -> str:
-        name = "istio-sidecar-injector"
-        return f"{name}-{self.revision}-{ISTIO_NAMESPACE}" if self.revision else f"{name}-{ISTIO_NAMESPACE}"
-
-    @property
     def log_path(self) -> Path:
         return self.folder / "istiod.log"
 
@@ -161,8 +166,16 @@ class Istiod:
     # -- install ---------------------------------------------------------------------------------
 
     def helm(self, *args: str) -> str:
-        kubeconfig = str(self.control_plane.kubeconfig_path)
-        return chart.helm(*args, "--kubeconfig", kubeconfig).stdout
+        kubeconfig = self.control_plane.kubeconfig_path
+        env = {"KUBECACHEDIR": str(self.folder / "kube-cache")}  # not ~/.kube
+        return chart.helm(*args, kubeconfig=kubeconfig, env=env).stdout
+
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        return self.control_plane.kubectl(
+            f"--cache-dir={self.folder / 'kube-cache'}", *args, input=input, check=check
+        )
 
     def install_base(self) -> None:
         """Istio's base chart (CRDs, the validating webhook for its own resources), once."""
@@ -183,10 +196,10 @@ class Istiod:
             "install", self.release, str(self.build.charts / "istio-control" / "istio-discovery"),
             "-n", ISTIO_NAMESPACE, *sets,
         )  # fmt: skip
-        self._route_service()
+        (self.route or Istiod.route_by_external_name)(self)
         return self
 
-    def _route_service(self) -> None:
+    def route_by_external_name(self) -> None:
         """The chart's Service, as an ExternalName of istiod's loopback address (see the module's
         docstring): the API server's only way to a process outside any pod network."""
         patch = {
@@ -197,16 +210,14 @@ class Istiod:
                 "clusterIPs": None,
             }
         }
-        self.control_plane.kubectl(
+        self.kubectl(
             "-n", ISTIO_NAMESPACE, "patch", "service", self.service, "--type=merge", "-p", json.dumps(patch)
         )
 
     # -- run -------------------------------------------------------------------------------------
 
     def _deployment(self) -> dict[str, Any]:
-        out = self.control_plane.kubectl(
-            "-n", ISTIO_NAMESPACE, "get", "deployment", self.release, "-o", "json"
-        )
+        out = self.kubectl("-n", ISTIO_NAMESPACE, "get", "deployment", self.release, "-o", "json")
         found: dict[str, Any] = json.loads(out.stdout)
         return found
 
@@ -231,14 +242,18 @@ class Istiod:
                 if path in fields:
                     env[var["name"]] = fields[path]
         env.pop("KUBECONFIG", None)  # the chart's names a file in the pod
-        kubeconfig = self.control_plane.write_service_account_kubeconfig(
-            ISTIO_NAMESPACE, account, self.folder / "kubeconfig", create=False
-        )
+        path = self.folder / "kubeconfig"
+        if self.kubeconfig_writer is not None:
+            kubeconfig = self.kubeconfig_writer(account, path)
+        else:
+            kubeconfig = self.control_plane.write_service_account_kubeconfig(
+                ISTIO_NAMESPACE, account, path, create=False
+            )
         args = [a for a in container.get("args", []) if a != "discovery"]
         argv = [
-            str(self.build.pilot_discovery), "discovery", *args,
+            *self.launcher, str(self.build.pilot_discovery), "discovery", *args,
             f"--kubeconfig={kubeconfig}",
-            f"--httpsAddr={self.address}:443",
+            f"--httpsAddr={self.address}:{self.https_port}",
             f"--httpAddr={self.address}:8080",
             f"--grpcAddr={self.address}:15010",
             f"--secureGRPCAddr={self.address}:15012",
@@ -266,8 +281,8 @@ class Istiod:
         deadline = time.monotonic() + timeout
         probe_ns = f"istiod-probe-{uuid.uuid4().hex[:6]}"
         labels = {"istio.io/rev": self.revision} if self.revision else {"istio-injection": "enabled"}
-        self.control_plane.kubectl("create", "namespace", probe_ns)
-        self.control_plane.kubectl("label", "namespace", probe_ns, *[f"{k}={v}" for k, v in labels.items()])
+        self.kubectl("create", "namespace", probe_ns)
+        self.kubectl("label", "namespace", probe_ns, *[f"{k}={v}" for k, v in labels.items()])
         pod = {
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", "namespace": probe_ns},
             # What the ServiceAccount admission plugin would set (it is off in the plain control plane);
@@ -282,7 +297,7 @@ class Istiod:
             while time.monotonic() < deadline:
                 if self.popen is not None and self.popen.poll() is not None:
                     raise IstiodError(f"istiod exited with {self.popen.returncode}:\n{self.logs()[-4000:]}")
-                run = self.control_plane.kubectl(
+                run = self.kubectl(
                     "create", "--dry-run=server", "-o", "json", "-f", "-", input=json.dumps(pod), check=False
                 )
                 if run.returncode == 0:
@@ -298,7 +313,7 @@ class Istiod:
                     last = run.stderr.strip()[-300:]
                 time.sleep(0.5)
         finally:
-            self.control_plane.kubectl("delete", "namespace", probe_ns, "--wait=false", check=False)
+            self.kubectl("delete", "namespace", probe_ns, "--wait=false", check=False)
         raise IstiodError(f"istiod did not inject within {timeout:g} s ({last}):\n{self.logs()[-4000:]}")
 
     def stop(self) -> int | None:
