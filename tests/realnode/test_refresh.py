@@ -385,5 +385,6 @@ def test_no_waiter_exits_more_than_five_seconds_after_its_mark(slowed: Result) -
     assert not late, f"waiters that exited more than {ALLOWED_SECONDS:g} s after their mark: {late}"
     # The clocks agree: no waiter exits before its mark was seen (a small allowance for the watch).
     assert min(slowed.delays.values()) > -1.0, slowed.delays
-    # What let them go: the agent wrote the marks again, within its budget of 3 per sandbox.
-    assert PODS <= slowed.nudges <= 3 * PODS
+    # What let them go: the agent wrote the marks again, within its budget of 3 per sandbox (a
+    # kubelet that happens to sync a pod again on its own within 2 s lets that one go first).
+    assert 1 <= slowed.nudges <= 3 * PODS
