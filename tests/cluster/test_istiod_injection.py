@@ -45,6 +45,7 @@ from ipnc_dev.istiod import (
     mesh_namespace,
     normalized,
     our_rules,
+    split_families,
     start_istiod,
     without_dns_servers,
     workload_pod,
@@ -273,3 +274,22 @@ def test_a_server_side_dry_run_shows_the_pod_as_both_injectors_make_it(mesh: Mes
     real = create(cp, workload(case), ns)
     assert init_names(dry) == init_names(real)
     assert cp.kubectl("-n", ns, "get", "pods", "-o", "name").stdout.split() == [f"pod/{case.name}"]
+
+
+def test_a_dry_run_record_splits_into_families_by_table_order() -> None:
+    record = "\n".join(
+        [
+            "iptables-save",
+            "ip6tables-save",
+            "* nat",
+            "-A OUTPUT -j X",
+            "COMMIT",
+            "* nat",
+            "-A OUTPUT -j Y",
+            "COMMIT",
+        ]
+    )
+    texts = split_families(record)
+    assert texts["iptables"] == "* nat\n-A OUTPUT -j X\nCOMMIT\n"
+    assert texts["ip6tables"] == "* nat\n-A OUTPUT -j Y\nCOMMIT\n"
+    assert split_families("iptables-save\n") == {"iptables": "", "ip6tables": ""}

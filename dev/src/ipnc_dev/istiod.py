@@ -532,3 +532,16 @@ def without_dns_servers(text: str) -> str:
     for server in resolv_conf_servers():
         text = text.replace(f" -d {server}/32", "").replace(f" -s {server}/32", "")
     return text
+
+
+def start_if_built(control_plane: ControlPlane, *, log: Callable[[str], None] = print) -> Istiod | None:
+    """For ``demo``: istiod injecting for ``control_plane`` when ``scripts/build-istio`` has built
+    it (one line says which injection is in use), else None: the caller falls back to Istio's
+    saved injection output."""
+    build = find_build()
+    if build is None:
+        log("Istio injection: Istio's saved injection output (istiod is not built: scripts/build-istio)")
+        return None
+    istiod = start_istiod(control_plane, build=build)
+    log(f"Istio injection: istiod {build.version}, built from the pinned module, with Istio's charts")
+    return istiod
