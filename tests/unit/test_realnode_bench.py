@@ -87,3 +87,40 @@ def test_percentiles_are_nearest_rank() -> None:
     samples = [float(v) for v in range(1, 101)]
     assert [bench.percentile(samples, q) for q in (0.5, 0.95, 0.99, 1.0)] == [50.0, 95.0, 99.0, 100.0]
     assert bench.percentile([7.0], 0.99) == 7.0
+
+
+def test_steps_and_verdict_compare_the_two_paths_in_one_run() -> None:
+    bench = _bench()
+    ours = bench.Sample("ours", "sequential", "o", "u", 100.0, 100.5, 100.4, 101.5, 101.6, 0)
+    slow = bench.Sample("ours", "sequential", "s", "u", 100.0, 100.5, 100.6, 106.0, 106.1, 0)
+    istio = bench.Sample("istio-init", "sequential", "i", "u", 100.0, 100.5, None, None, 100.8, 0)
+    steps = bench.steps([ours], "ours")
+    assert steps["init started -> agent mark"] == pytest.approx(-100.0)  # marked before the waiter ran
+    assert steps["agent mark -> waiter saw mark"] == pytest.approx(1100.0)
+    assert bench.steps([istio], "istio-init") == {
+        "created -> init started": pytest.approx(500.0),
+        "init started -> init exited": pytest.approx(300.0),
+    }
+    samples = [ours, slow, istio]
+    verdict = bench.verdict(bench.summarize(samples), samples)["sequential"]
+    assert verdict["p50_minus_istio_init_ms"] == pytest.approx(800.0)
+    assert verdict["ours_over_5s"] == 1 and not verdict["max_goal_met"] and not verdict["p50_goal_met"]
+
+
+def test_report_prints_the_table_and_ends_with_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from datetime import UTC, datetime
+
+    bench = _bench()
+    samples = [
+        bench.Sample("ours", mode, "o", "u", 100.0, 100.5, 100.6, 101.5, 101.6, 0)
+        for mode in ("sequential", "bursts of 20")
+    ] + [
+        bench.Sample("istio-init", mode, "i", "u", 100.0, 100.5, None, None, 100.8, 0)
+        for mode in ("sequential", "bursts of 20")
+    ]
+    bench.report(samples, pods=1, burst=20, started=datetime.now(UTC), seconds=60.0, load_before="1 2 3")
+    lines = capsys.readouterr().out.splitlines()
+    assert any("sequential     ours        waiter saw mark" in line for line in lines), lines
+    last = json.loads(lines[-1])
+    assert last["results"]["bursts of 20"]["istio-init"]["init exited"]["p50"] == pytest.approx(800.0)
+    assert last["verdict"]["sequential"]["p50_minus_istio_init_ms"] == pytest.approx(800.0)
