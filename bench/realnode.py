@@ -492,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     archives = (artifacts.BUSYBOX_ARCHIVE, artifacts.PRODUCT_ARCHIVE, artifacts.STUB_ARCHIVE,
                 artifacts.ISTIO_INIT_ARCHIVE)  # fmt: skip
     runner: Runner | None = None
-    host_changed = ""
+    host_changed = failure = ""
     try:
         with RealCluster(nodes=1, image_archives=archives) as cluster:
             assert cluster.images is not None
@@ -512,15 +512,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         host_changed = str(exc)  # the figures stand; the run still fails (below)
     except (RealClusterError, BenchError) as exc:
         print(f"bench/realnode.py: {exc}", file=sys.stderr)
-        return 1
+        if runner is None or not runner.samples:
+            return 1
+        failure = str(exc)  # what was measured until then is still reported
     assert runner is not None
     samples = runner.samples
     report(
         samples, pods=args.pods, burst=args.burst, started=started, seconds=time.monotonic() - t0,
         load_before=load_before, host_changed=host_changed,
     )  # fmt: skip
-    if host_changed:
-        print(f"bench/realnode.py: {host_changed}", file=sys.stderr)
+    if host_changed or failure:
+        print(f"bench/realnode.py: {host_changed or failure}", file=sys.stderr)
         return 1
     return 0
 
