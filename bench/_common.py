@@ -70,6 +70,7 @@ Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
 
 WANTED = (
+    "apiserver_response_sizes_sum",
     "apiserver_request_total",
     "apiserver_watch_events_sizes_sum",
     "apiserver_watch_events_total",
@@ -167,6 +168,16 @@ def watch_events(samples: Samples, resource: str = "pods") -> float:
     total = 0.0
     for (name, labels), value in samples.items():
         if name == "apiserver_watch_events_total" and dict(labels).get("resource") == resource:
+            total += value
+    return total
+
+
+def response_bytes(samples: Samples, verb: str, resource: str) -> float:
+    """Bytes of responses the API server sent for one verb on one resource."""
+    total = 0.0
+    for (name, labels), value in samples.items():
+        d = dict(labels)
+        if name == "apiserver_response_sizes_sum" and d.get("verb") == verb and d.get("resource") == resource:
             total += value
     return total
 

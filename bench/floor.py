@@ -107,6 +107,9 @@ class Floor:
             pod = pod_facts(raw)
             if pod.annotations.get(names.OPT_IN) != names.OPT_IN_VALUE or not pod.ips:
                 continue
+            if pod.annotations.get(names.STATUS) == names.STATUS_INITIALIZED:
+                self.done.add(uid)  # marked already (a restarted controller's first list)
+                continue
             ref = PodRef.of(pod)
             self.done.add(uid)  # before the await: an update arriving meanwhile must not patch again
             try:

@@ -12,7 +12,9 @@ controller with the namespace watch on). No node work: only the API side is meas
 * a wave of P pods per node (created, bound, given an IP, marked, deleted): the API server's and
   etcd's CPU per pod above a wave with no node watching (measured first, same P), the
   controllers' requests per pod by verb, pod watch events and bytes per pod;
-* namespace fan-out: watch events and bytes sent per namespace created.
+* namespace fan-out: watch events and bytes sent per namespace created;
+* with ``--restart``, every node's controller restarted while a wave's pods are in place (a
+  rollout): the API server's CPU and list bytes per node.
 
 Prints a line per step and, last, one JSON object. ``docs/comparison.md`` turns the unit costs
 into a 5,000-node estimate. Needs no root.
@@ -36,6 +38,7 @@ from _common import (
     delta,
     gauge,
     load,
+    response_bytes,
     watch_bytes,
     watch_events,
 )
@@ -58,13 +61,15 @@ def pod_body(name: str, node: str) -> dict[str, Any]:
 
 
 class Sim:
-    def __init__(self, cp: ControlPlane, workers: int) -> None:
+    def __init__(self, cp: ControlPlane, workers: int, *, relist: bool = False) -> None:
         self.cp = cp
         self.workers = workers
         self.scraper = MetricsScraper(cp.server, cp.ssl_context())
         self.nodes: list[tuple[Api, Floor]] = []
         self.driver = Api.from_kubeconfig(str(cp.kubeconfig_path), timeout=60)
         self.waves = 0
+        self.relist = relist
+        self.last_restart: dict[str, Any] = {}
 
     def cpu(self) -> tuple[float, float]:
         etcd, apiserver = self.cp.pids
@@ -156,19 +161,46 @@ class Sim:
             await asyncio.sleep(0.05)
         marked_at = time.monotonic() - start[3]
         await asyncio.sleep(1.0)  # Events are written in the background
+        relisted = await self.restart() if self.relist and nodes is None else None
+        restart_cost = self.last_restart if relisted is not None else None
         await self.driver.client.delete(f"/api/v1/namespaces/{ns}/pods", params={"gracePeriodSeconds": "0"})
         await asyncio.sleep(1.0)  # the deletions reach the watches
         got = await self.since(start)
         d = got["delta"]
+        if restart_cost is not None:  # the wave's figures are the pods' alone
+            d = delta(d, restart_cost["delta"])
+            got["apiserver_cpu_s"] -= restart_cost["apiserver_cpu_s"]
+            got["etcd_cpu_s"] -= restart_cost["etcd_cpu_s"]
         reqs = controller_requests(d)
         return {
             "pods": total,
+            "restart": relisted,
             "seconds_to_marked": round(marked_at, 2),
             "apiserver_cpu_s": got["apiserver_cpu_s"],
             "etcd_cpu_s": got["etcd_cpu_s"],
             "requests_per_pod": {k: round(v / total, 3) for k, v in sorted(reqs.items())},
             "pod_watch_events_per_pod": round(watch_events(d) / total, 2),
             "pod_watch_bytes_per_pod": round(watch_bytes(d) / total),
+        }
+
+    async def restart(self) -> dict[str, Any]:
+        """Every node's controller restarted with its pods in place (a rollout of the
+        DaemonSet): the API server's cost of their lists, per node. Subtracted from the wave's
+        own figures, so those stay what the pods cost."""
+        start = await self.window()
+        old = list(self.nodes)
+        await asyncio.gather(*(node.stop() for _, node in old))
+        fresh = [(api, Floor(api, node.node, self.workers, namespaces=True)) for api, node in old]
+        await asyncio.gather(*(node.start() for _, node in fresh))
+        self.nodes = fresh
+        got = await self.since(start)
+        d, count = got["delta"], len(old)
+        self.last_restart = got
+        return {
+            "apiserver_cpu_ms_per_node": round(1000 * got["apiserver_cpu_s"] / count, 2),
+            "pod_list_bytes_per_node": round(response_bytes(d, "LIST", "pods") / count),
+            "namespace_list_bytes_per_node": round(response_bytes(d, "LIST", "namespaces") / count),
+            "requests_per_node": {k: round(v / count, 2) for k, v in sorted(controller_requests(d).items())},
         }
 
     async def namespaces(self, count: int) -> dict[str, Any]:
@@ -193,7 +225,7 @@ class Sim:
 
 
 async def run(cp: ControlPlane, args: argparse.Namespace) -> dict[str, Any]:
-    sim = Sim(cp, args.workers)
+    sim = Sim(cp, args.workers, relist=args.restart)
     out: dict[str, Any] = {"load_start": load(), "steps": []}
     print(f"many nodes: nodes {args.nodes}, pods per node {args.pods_per_node}  [{load()}]", flush=True)
     try:
@@ -247,6 +279,15 @@ async def run(cp: ControlPlane, args: argparse.Namespace) -> dict[str, Any]:
                 for key in ("pod_watch_events_per_pod", "pod_watch_bytes_per_pod"):
                     wave[key] = round(wave[key] - base[key], 2)
                 step["waves"][per_node] = wave
+                if wave["restart"]:
+                    r = wave["restart"]
+                    print(
+                        f"    restart with {per_node} pods/node: apiserver "
+                        f"{r['apiserver_cpu_ms_per_node']} ms "
+                        f"per node, pod list {r['pod_list_bytes_per_node']} B, namespace list "
+                        f"{r['namespace_list_bytes_per_node']} B per node; {r['requests_per_node']}",
+                        flush=True,
+                    )
                 above_api = wave["apiserver_cpu_ms_per_pod_above_baseline"]
                 above_etcd = wave["etcd_cpu_ms_per_pod_above_baseline"]
                 print(
@@ -291,6 +332,11 @@ def main() -> None:
     parser.add_argument("--namespaces", type=int, default=5, help="namespaces created for the fan-out")
     parser.add_argument("--workers", type=int, default=2, help="workers per simulated node")
     parser.add_argument("--json-out", type=Path, help="also write the JSON here")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart every node's controller while each wave's pods are in place",
+    )
     args = parser.parse_args()
     if args.idle_seconds <= 0 or not 1 <= args.namespaces <= 100 or args.workers < 1:
         sys.exit("--idle-seconds must be positive, --namespaces 1..100, --workers at least 1")
