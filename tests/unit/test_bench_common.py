@@ -48,6 +48,9 @@ METRICS = "\n".join(
         'apiserver_watch_events_sizes_sum{group="",resource="namespaces",version="v1"} 50',
         'apiserver_watch_events_total{group="",resource="pods",version="v1"} 12',
         'apiserver_storage_objects{resource="pods"} 200',
+        'apiserver_response_sizes_sum{resource="pods",scope="cluster",verb="LIST"} 9000',
+        'apiserver_response_sizes_sum{resource="pods",scope="namespace",verb="LIST"} 1000',
+        'apiserver_response_sizes_sum{resource="pods",scope="namespace",verb="GET"} 7',
     ]
 )
 
@@ -70,6 +73,12 @@ def test_watch_bytes_and_events_are_per_resource() -> None:
     assert common.watch_bytes(samples) == 6000
     assert common.watch_bytes(samples, "namespaces") == 50
     assert common.watch_events(samples) == 12
+
+
+def test_list_bytes_sum_every_scope_of_one_verb() -> None:
+    samples = common.parse_metrics(METRICS)
+    assert common.response_bytes(samples, "LIST", "pods") == 10000
+    assert common.response_bytes(samples, "LIST", "namespaces") == 0
 
 
 def test_unwanted_metrics_and_garbage_lines_are_ignored() -> None:
