@@ -136,6 +136,13 @@ def mesh() -> Iterator[Mesh]:
             istiods["cni"] = start_istiod(
                 cp, build=build, revision="cni", values={"pilot.cni.enabled": "true"}
             )
+            # Istio's injector called again after ours: not Istio's default, a user's choice.
+            istiods["reinvoked"] = start_istiod(
+                cp,
+                build=build,
+                revision="reinvoked",
+                values={"sidecarInjectorWebhook.reinvocationPolicy": "IfNeeded"},
+            )
             webhook.start()
             yield Mesh(cp, build, istiods, webhook)
         finally:
@@ -293,3 +300,29 @@ def test_a_dry_run_record_splits_into_families_by_table_order() -> None:
     assert texts["iptables"] == "* nat\n-A OUTPUT -j X\nCOMMIT\n"
     assert texts["ip6tables"] == "* nat\n-A OUTPUT -j Y\nCOMMIT\n"
     assert split_families("iptables-save\n") == {"iptables": "", "ip6tables": ""}
+
+
+def test_when_istio_is_reinvoked_too_the_charts_name_gives_us_the_last_word(mesh: Mesh) -> None:
+    """With Istio's reinvocationPolicy IfNeeded, Istio's injector is called again after our change
+    and puts istio-init back; the API server reinvokes each webhook once at most, so only the
+    configuration called later has the last word. The chart's name sorts after Istio's."""
+    cp = mesh.control_plane
+    ours = chart_webhook_configuration(mesh.webhook)
+    istios = cp.kubectl("get", "mutatingwebhookconfigurations", "-o", "name").stdout.split()
+    istios = [n.rpartition("/")[2] for n in istios if "istio-" in n.rpartition("/")[2]]
+    assert istios and all(ours["metadata"]["name"] > name for name in istios), (
+        ours["metadata"]["name"],
+        istios,
+    )
+    classic = {"sidecar.istio.io/nativeSidecar": "false"}
+    for name, wanted_last in ((ours["metadata"]["name"], True), (ORDERS["ours-first"], False)):
+        config = chart_webhook_configuration(mesh.webhook, name)
+        cp.kubectl("apply", "-f", "-", input=json.dumps(config))
+        try:
+            for annotations in ({}, classic):
+                case = Case("reinvoked", "reinvoked", True, annotations=annotations)
+                pod = create(cp, workload(case), namespace(cp, "reinvoked", opted_in=True))
+                good = init_names(pod)[0] == names.WAITER_CONTAINER and "istio-init" not in init_names(pod)
+                assert good == wanted_last, (name, annotations, init_names(pod))
+        finally:
+            cp.kubectl("delete", "mutatingwebhookconfiguration", name)

@@ -4,8 +4,9 @@ One node; our chart from our image; istiod in the node's network (``ipnc_dev.rea
 its injected proxies the stub sidecar. In a namespace labelled for Istio and opted in to us:
 
 * a gateway installed with Istio's own ``gateway`` chart runs and serves traffic with no waiter
-  and no rules from us (the chart's pod reaches our webhook before Istio's injector has made it a
-  gateway, since our configuration's name sorts first, so this is also the reinvocation case);
+  and no rules from us (our chart's webhook configuration comes after Istio's injector; the other
+  order, where our webhook first takes the gateway's placeholder proxy for a sidecar's, is
+  ``tests/cluster/test_istiod_injection.py``'s);
 * an application pod that Istio injects gets our waiter, the agent's rules and mark, and its
   connection to the gateway's Service is redirected to its own sidecar.
 

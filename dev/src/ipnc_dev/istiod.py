@@ -449,14 +449,15 @@ def normalized(text: str) -> list[str]:
 OPT_IN_LABEL = "istio-pod-network-controller/initialize"
 
 
-def chart_webhook_configuration(webhook: Any, name: str) -> dict[str, Any]:
-    """Our chart's own MutatingWebhookConfiguration (its entries' selectors, reinvocationPolicy,
-    failurePolicy), called ``name`` (the API server calls configurations in the order of their
-    names), pointed by URL at ``webhook``, a started ``webhookproc.WebhookProcess``."""
+def chart_webhook_configuration(webhook: Any, name: str | None = None) -> dict[str, Any]:
+    """Our chart's own MutatingWebhookConfiguration (its name, its entries' selectors,
+    reinvocationPolicy, failurePolicy), pointed by URL at ``webhook``, a started
+    ``webhookproc.WebhookProcess``; called ``name`` when given (the API server calls
+    configurations in the order of their names)."""
     rendered = chart.parse(chart.template("ipnc-system", {"fullnameOverride": "ipnc"}))
     found = next(o for o in rendered if o["kind"] == "MutatingWebhookConfiguration")
     config: dict[str, Any] = copy.deepcopy(found)
-    config["metadata"] = {"name": name}
+    config["metadata"] = {"name": name or found["metadata"]["name"]}
     ca = base64.b64encode(webhook.pair.ca.pem).decode()
     for entry in config["webhooks"]:
         entry["clientConfig"] = {"url": webhook.url, "caBundle": ca}
