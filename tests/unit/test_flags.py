@@ -10,7 +10,7 @@ from istio_pod_network_controller.commands.common import Parser, UsageError
 from istio_pod_network_controller.spec import InterceptionMode, SpecError, parse_flags
 from istio_pod_network_controller.spec.argv import read_options
 from istio_pod_network_controller.spec.errors import LimitError
-from istio_pod_network_controller.spec.flags import OPTIONS, add_redirect_flags
+from istio_pod_network_controller.spec.flags import OPTIONS, POD_IGNORED_BOOL_FLAGS, add_redirect_flags
 from istio_pod_network_controller.spec.limits import (
     MAX_ARG_BYTES,
     MAX_ARGS,
@@ -37,6 +37,12 @@ def test_injector_only_flags_are_accepted_and_ignored() -> None:
         ["-p", "15001", "--log_output_level=default:info", "--run-validation", "--skip-rule-apply"]
     )
     assert noisy == base
+
+
+@pytest.mark.parametrize("flag", ["--native-nftables", "--native-nftables=true", "--native-nftables=false"])
+def test_a_pods_native_nftables_flag_is_ignored(flag: str) -> None:
+    # Istio's injector adds it with values.global.nativeNftables; the mode is the agent's setting.
+    assert parse_flags(["-p", "15001", flag]) == parse_flags(["-p", "15001"])
 
 
 def test_go_flag_spellings() -> None:
@@ -73,6 +79,9 @@ def test_reserved_route_table_is_rejected() -> None:
 def _argparse_reading(argv: list[str]) -> tuple[dict[str, object], list[str]] | str:
     parser = Parser(prog="istio-iptables", add_help=False, allow_abbrev=False)
     add_redirect_flags(parser)
+    # Ignored in a pod's flags only (the command lines give --native-nftables a meaning).
+    for name in POD_IGNORED_BOOL_FLAGS:
+        parser.add_argument(name, dest="ignored_" + name.strip("-"), action="store_true", default=None)
     try:
         namespace, extras = parser.parse_known_args(argv)
     except UsageError as exc:

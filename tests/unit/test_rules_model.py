@@ -66,9 +66,9 @@ def test_istios_expected_text_reads_as_our_rules(path: Path) -> None:
 def test_any_rendered_ruleset_reads_back_as_itself(values: dict[str, str], on: set[str]) -> None:
     try:
         spec = parse_flags([f"{k}={v}" for k, v in values.items()] + sorted(on))
+        ruleset = render(spec)  # refuses what iptables mode cannot write (50+ owner groups)
     except SpecError:
         return
-    ruleset = render(spec)
     for rules in (ruleset.v4, ruleset.v6):
         assert FamilyRules.from_restore_text(rules.restore_text()) == rules
     lines = (ruleset.iptables + ruleset.ip6tables).splitlines()

@@ -196,10 +196,10 @@ async def test_an_opted_in_pod_gets_the_patch(running: Running) -> None:
 
 
 async def test_invalid_istio_init_args_are_denied_with_the_flag_and_value(running: Running) -> None:
-    response = await running.review(pod_request(pod(istio_init=["istio-iptables", "-p", "0"])))
+    response = await running.review(pod_request(pod(istio_init=["istio-iptables", "-p", "65536"])))
     assert response["allowed"] is False
     assert response["status"]["code"] == 400
-    assert "-p" in response["status"]["message"] and "'0'" in response["status"]["message"]
+    assert "-p" in response["status"]["message"] and "'65536'" in response["status"]["message"]
 
 
 @pytest.mark.parametrize(

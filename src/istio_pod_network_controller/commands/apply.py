@@ -17,8 +17,9 @@ from ..node.apply import Applier
 from ..node.backend import Backend, detect
 from ..node.errors import LocateError, NodeError
 from ..node.netns import Netns
-from ..node.nft import NftApplier
-from ..render import render
+from ..node.nft import NftApplier, NftPlan
+from ..render import Ruleset, render
+from ..render.nftables import render_nftables
 from ..spec import OutOfScope, RedirectSpec, SpecError
 from ..spec.flags import add_redirect_flags, check_arg_count
 from ..spec.manifest import ManifestError
@@ -112,16 +113,22 @@ def open_namespace(args: argparse.Namespace) -> Netns:
     return locate.by_pod_uid(args.pod_uid, pod_ips=args.pod_ip, proc_root=args.proc_root)
 
 
-def run(args: argparse.Namespace, spec: RedirectSpec) -> dict[str, object]:
-    """Apply ``spec`` in the mode the flags name; the summary says which."""
-    if args.native_nftables:
+def planned(args: argparse.Namespace, spec: RedirectSpec) -> Ruleset | NftPlan:
+    """The rules in the mode the flags name; raises SpecError for what that mode cannot write
+    (before any namespace is opened, so a refusal leaves nothing half-done)."""
+    return NftPlan.of(render_nftables(spec)) if args.native_nftables else render(spec)
+
+
+def run(args: argparse.Namespace, rules: Ruleset | NftPlan) -> dict[str, object]:
+    """Apply ``rules`` in the mode the flags name; the summary says which."""
+    if isinstance(rules, NftPlan):
         nft = NftApplier()
         with open_namespace(args) as ns:
-            return nft.apply(ns, nft.render(spec)).summary()
+            return nft.apply(ns, rules).summary()
     forced = None if args.backend == "auto" else Backend(args.backend)
     applier = Applier(detect(forced=forced))
     with open_namespace(args) as ns:
-        return applier.apply(ns, render(spec)).summary()
+        return applier.apply(ns, rules).summary()
 
 
 def main(argv: list[str]) -> int:
@@ -130,10 +137,11 @@ def main(argv: list[str]) -> int:
         return EXIT_OK
     try:
         args, spec = parse(argv)
+        rules = planned(args, spec)
     except (OutOfScope, SpecError, ManifestError, UsageError) as exc:
         return report("apply", exc)
     try:
-        summary = run(args, spec)
+        summary = run(args, rules)
     except NodeError as exc:
         print(json.dumps({"ok": False, "step": exc.step, "reason": exc.reason}))
         print(f"{PROG} apply: failed at {exc.step}: {exc.reason}", file=sys.stderr)

@@ -133,16 +133,18 @@ def main(argv: list[str]) -> int:
         return EXIT_OK
     try:
         args, spec = spec_from_cli(argv)
+        # Each mode's renderer may refuse what only it cannot write (iptables: 50+ owner groups).
+        rendered = render_nftables(spec) if args.native_nftables else render(spec)
     except (OutOfScope, SpecError, ManifestError, UsageError) as exc:
         return report("rules", exc)
-    if args.native_nftables:
-        nft = render_nftables(spec)
+    if isinstance(rendered, NftRuleset):
+        nft = rendered
         if args.output == "json":
             print(json.dumps({**nft.to_json(), "spec": spec.to_json()}, indent=2))
         else:
             sys.stdout.write(format_nftables(nft))
         return EXIT_OK
-    ruleset = render(spec)
+    ruleset = rendered
     if args.output == "json":
         doc = {"iptables": ruleset.iptables, "ip6tables": ruleset.ip6tables, "spec": spec.to_json()}
         print(json.dumps(doc, indent=2))

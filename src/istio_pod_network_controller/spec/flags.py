@@ -140,9 +140,17 @@ IGNORED_BOOL_FLAGS = (
     "--cleanup-only",
     "--force-apply",
 )
+# Istio's injector adds it to istio-init when installed with values.global.nativeNftables. Which
+# mode a sandbox gets is the node agent's setting (run --native-nftables), as it is the CNI
+# plugin's in Istio's CNI mode, never the pod's: ignored in a pod's flags. (On the command line of
+# `rules` and `apply` it is the mode flag itself.)
+POD_IGNORED_BOOL_FLAGS = ("--native-nftables",)
 IGNORED_SHORT_BOOL = ("-n", "-f")
 
-_BOOL_FLAGS = {n for f in FLAGS if f.boolean for n in f.names} | set(IGNORED_BOOL_FLAGS)
+_BOOL_FLAGS = {n for f in FLAGS if f.boolean for n in f.names} | {
+    *IGNORED_BOOL_FLAGS,
+    *POD_IGNORED_BOOL_FLAGS,
+}
 _DEST_TO_NAME = {f.dest: f.names[0] for f in FLAGS}
 
 
@@ -154,7 +162,10 @@ def _ignored_dest(name: str) -> str:
 OPTIONS = OptionTable.of(
     [Option(f.dest, f.names, takes_value=not f.boolean) for f in FLAGS]
     + [Option(_ignored_dest(n), (n,), takes_value=True) for n in IGNORED_VALUE_FLAGS]
-    + [Option(_ignored_dest(n), (n,), takes_value=False) for n in (*IGNORED_BOOL_FLAGS, *IGNORED_SHORT_BOOL)]
+    + [
+        Option(_ignored_dest(n), (n,), takes_value=False)
+        for n in (*IGNORED_BOOL_FLAGS, *IGNORED_SHORT_BOOL, *POD_IGNORED_BOOL_FLAGS)
+    ]
 )
 
 
