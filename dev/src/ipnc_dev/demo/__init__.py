@@ -3,6 +3,7 @@
 ``scenario``: the sample application's pods as istiod injects them, and what counts as success;
 ``summary``: what is recorded and reported; ``display``: the terminal output;
 ``orchestration``: prerequisites, start and stop of every part, the story's steps, signals.
+``realnode``: the same story on real nodes (``demo --real-node``).
 """
 
 from .orchestration import DemoError, Options, check_prerequisites, run
