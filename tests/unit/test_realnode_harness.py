@@ -425,6 +425,9 @@ def test_initialized_events_one_per_sandbox_unless_its_agent_died_before_posting
     )
     doubled = settled.judge(_facts([pod], [_event("a", 4026532001, count=2)]))
     assert any("2 Initialized Events" in p for p in doubled)
+    # A pod that is gone is not judged (its Events outlive it).
+    gone = [_event("a", 4026532001), _event("z", 4026532001, count=2)]
+    assert settled.judge(_facts([pod], gone)) == []
 
 
 def test_warnings_of_ours_count_from_the_scenario_start() -> None:

@@ -83,6 +83,7 @@ HOLDER_TIMEOUT = 10.0
 SOCKET_TIMEOUT = 30.0
 IMPORT_TIMEOUT = 300.0
 DEFAULT_READY_TIMEOUT = 180.0
+MAX_INODE_HOLDERS = 256
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 NODE_BINDS = (("run", "/run"), ("var-lib", "/var/lib"), ("var-log", "/var/log"))
 
@@ -172,7 +173,8 @@ class RealCluster:
         self._bin: dict[str, Path] = {}
         self._before: hoststate.HostState | None = None
         self._procs: dict[str, Proc] = {}
-        self._replaced: set[str] = set()  # stopped on purpose and started again under a new name
+        # Stopped on purpose while the cluster runs (a restarted program, an inode holder).
+        self._ended_on_purpose: set[str] = set()
         self._hierarchies: list[Path] = []
         self._identities: dict[str, Identity] = {}
         self._stopped = False
@@ -617,7 +619,7 @@ class RealCluster:
         """Raise ``RealClusterError`` (with its log) if a process of the cluster has exited (one
         a restart replaced does not count)."""
         for proc in self._procs.values():
-            if proc.name in self._replaced:
+            if proc.name in self._ended_on_purpose:
                 continue
             code = proc.exited()
             if code is not None:
@@ -703,7 +705,7 @@ class RealCluster:
 
     def _restart(self, old: Proc) -> Proc:
         """``old`` stopped (by its PID) and the same program started again under a new name."""
-        self._replaced.add(old.name)
+        self._ended_on_purpose.add(old.name)
         killed = stop_all([old])
         if killed:
             self.say(f"killed after {STOP_SECONDS:g} s: {', '.join(killed)}")
@@ -792,6 +794,63 @@ class RealCluster:
                 continue  # gone meanwhile
             out[pid] = raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
         return out
+
+    def pause_kubelet(self, node: Node) -> None:
+        """SIGSTOP ``node``'s kubelet: nothing on the node changes but what the caller does (e.g.
+        ``crictl stopp``) until ``resume_kubelet``. Keep it short: the node lease is not renewed."""
+        proc = node.kubelet
+        if proc is None or proc.exited() is not None:
+            raise RealClusterError(f"the kubelet of {node.name} is not running")
+        os.kill(proc.pid, signal.SIGSTOP)
+
+    def resume_kubelet(self, node: Node) -> None:
+        """SIGCONT ``node``'s kubelet (after ``pause_kubelet``)."""
+        if node.kubelet is not None and node.kubelet.exited() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(node.kubelet.pid, signal.SIGCONT)
+
+    @contextlib.contextmanager
+    def next_netns_inode(self, inode: int, *, timeout: float = 15.0) -> Iterator[None]:
+        """Inside the block, the next network namespace made on the machine most likely gets
+        inode number ``inode``, as the kernel gives it on its own now and then: it hands out the
+        lowest free number, so each lower free number is held by a namespace of ours (``unshare
+        --net sleep``) until the block ends. The kernel frees a number in a work queue some time
+        after the namespace's last process went: that time is measured on ``inode`` itself (a
+        holder of ours gets it, goes, and a later one gets it again) and waited for twice over
+        before the block runs. Raises ``RealClusterError`` when ``inode`` is not free in
+        ``timeout`` seconds."""
+        held: list[Proc] = []
+        seen: list[int] = []  # the numbers our holders got above ``inode`` (for the error)
+        deadline = time.monotonic() + timeout
+
+        def take() -> float:
+            """Hold every lower free number, then take ``inode`` and let it go; when it went."""
+            while True:
+                if len(held) >= MAX_INODE_HOLDERS:
+                    raise RealClusterError(f"over {MAX_INODE_HOLDERS} free inode numbers below {inode}")
+                holder, (net, _) = self._holder(f"inum-{len(self._procs)}", mount=False)
+                self._ended_on_purpose.add(holder.name)
+                if net.inode < inode:
+                    held.append(holder)  # a lower free number: ours until the block ends
+                    continue
+                stop_all([holder])
+                if net.inode == inode:
+                    return time.monotonic()
+                seen.append(net.inode)
+                if time.monotonic() > deadline:
+                    raise RealClusterError(
+                        f"network namespace inode {inode} not free in {timeout:g} s (holding {len(held)} "
+                        f"lower ones; the next free were {sorted(set(seen))[:10]})"
+                    )
+                time.sleep(0.05)
+
+        try:
+            released = take()
+            freed_in = take() - released
+            time.sleep(min(max(2 * freed_in, 0.5), 10.0))
+            yield
+        finally:
+            stop_all(held)
 
     def in_netns(self, pid: int, *argv: str, timeout: float = COMMAND_TIMEOUT) -> str:
         """Run ``argv`` (a host binary) in the network namespace of ``pid``; its stdout."""

@@ -225,8 +225,9 @@ def judge(
         by_earlier = applied is not None and started is not None and applied < started
         if posted > 1 or (posted == 0 and not by_earlier):
             problems.append(f"{name}: {posted} Initialized Events for network namespace {inode}, not one")
+    current = {f.pod.uid for f in facts.pods}
     for (uid, inode), count in events.items():
-        if count > 1:
+        if count > 1 and uid in current:
             problems.append(f"pod {uid}: {count} Initialized Events for network namespace {inode}")
     for event in facts.events:
         source = event.get("source") or {}
