@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import tempfile
 import time
 import uuid
@@ -110,6 +111,7 @@ def mesh() -> Iterator[Mesh]:
             yield Mesh(cp, build)
         finally:
             webhook.stop()
+            shutil.rmtree(folder, ignore_errors=True)
             for istiod in istiods:
                 istiod.stop()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ def mesh() -> Iterator[Mesh]:
             yield Mesh(cp, build, istiods, webhook)
         finally:
             webhook.stop()
+            shutil.rmtree(folder, ignore_errors=True)
             for istiod in istiods.values():
                 istiod.stop()
 

@@ -15,7 +15,13 @@ name, and checks the certificate against ``<service>.<namespace>.svc`` either wa
 Service is turned into an ``ExternalName`` of a loopback address of its own (one per istiod, on
 the loopback network 127.0.0.0/8), where istiod's webhook listens on port 443: the API server
 calls the injector through the chart's own webhook configuration, verifies istiod's own serving
-certificate, and with the CA bundle that istiod itself patches into that configuration.
+certificate, and with the CA bundle that istiod itself patches into that configuration. (On real
+nodes, ``realnode.istiod`` runs the same process in a node's network and routes the Service there.)
+
+What Istio itself would program for a pod, the yardstick of our rules, comes from Istio's own code
+too: ``istio_init_rules`` runs Istio's istio-iptables with an istio-init's arguments and
+environment, ``cni_plugin_rules`` runs Istio's CNI plugin's ADD for a pod of the cluster (both in
+dry run, printing the iptables-restore input they would feed).
 """
 
 from __future__ import annotations
@@ -317,16 +323,19 @@ class Istiod:
         raise IstiodError(f"istiod did not inject within {timeout:g} s ({last}):\n{self.logs()[-4000:]}")
 
     def stop(self) -> int | None:
-        if self.popen is None:
-            return None
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
+        """Stop istiod and remove its folder (its kubeconfig holds a token); the exit status."""
+        code = None
+        if self.popen is not None:
+            if self.popen.poll() is None:
+                self.popen.terminate()
+                try:
+                    self.popen.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait()
+            code = self.popen.returncode
+        shutil.rmtree(self.folder, ignore_errors=True)
+        return code
 
 
 def start_istiod(
