@@ -196,6 +196,7 @@ class Agent:
             max_delay=self.config.retry_max_seconds,
             metrics=self.metrics.queue_metrics(),
         )
+        self.metrics.agent_info.labels(self.applier.mode, self.applier.backend).set(1)
         self.reporter = Reporter(self.api, self.config.node_name)
         self.events = EventRecorder(self.api, self.config.node_name, on_drop=self.metrics.event_dropped)
         self.executor = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="node")

@@ -154,6 +154,12 @@ class Metrics:
         )
 
         # -- ours ------------------------------------------------------------------------------
+        self.agent_info = Gauge(
+            "ipnc_agent_info",
+            "Always 1: which of Istio's modes the agent writes (iptables or nftables) and with which tools",
+            ["mode", "backend"],
+            registry=r,
+        )
         self.initialized = Counter(
             "ipnc_pods_initialized", "Pods whose redirect rules were applied and verified", registry=r
         )

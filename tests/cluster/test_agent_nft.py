@@ -67,6 +67,8 @@ def test_pods_are_programmed_in_nftables_mode_and_a_restart_rewrites_nothing(
         assert (info["mode"], info["backend"]) == ("nftables", "nftables"), info
         assert "table inet istio-proxy-nat" in nft_listing(paths[name])
         assert "ISTIO" not in cluster.boxes.iptables_save(pods[name]["metadata"]["uid"])
+    exposed = nft_agent.get("/metrics")[1]
+    assert 'ipnc_agent_info{backend="nftables",mode="nftables"} 1.0' in exposed
 
     # Real traffic from two of them: the app's connection reaches the proxy, destination intact.
     sample = [paths[meshed[0]], paths[meshed[5]]]

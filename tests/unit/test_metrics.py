@@ -32,6 +32,7 @@ EXPECTED = {
     "ipnc_pods_initialized_total": ("counter", set()),
     "ipnc_errors_total": ("counter", {"reason"}),
     "ipnc_apply_seconds": ("histogram", set()),
+    "ipnc_agent_info": ("gauge", {"mode", "backend"}),
     "ipnc_pods_watched": ("gauge", set()),
     "ipnc_watch_restarts_total": ("counter", {"resource", "cause"}),
     "ipnc_events_dropped_total": ("counter", {"reason"}),
@@ -63,6 +64,7 @@ def test_every_metric_is_exposed_under_its_name_and_type() -> None:
     metrics.errors.labels("internal")
     metrics.watch_restarts.labels("pods", "gone")
     metrics.queue_metrics()
+    metrics.agent_info.labels("nftables", "nftables")
     types = exposed(metrics)
     for name, (kind, _) in EXPECTED.items():
         assert types.get(name) == kind, name
@@ -80,6 +82,7 @@ def test_labels_are_the_documented_ones() -> None:
     metrics.initialized.inc()
     metrics.apply_seconds.observe(0.01)
     metrics.pods_watched.set(1)
+    metrics.agent_info.labels("iptables", "nft").set(1)
     metrics.observe_reconcile(ReconcileResult.SUCCESS, 0.1)
     seen: dict[str, set[str]] = {}
     for collected in metrics.registry.collect():
