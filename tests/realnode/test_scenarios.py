@@ -25,7 +25,7 @@ import pytest
 
 from ipnc_dev import chart
 from ipnc_dev.realnode import RealCluster, RealClusterError, artifacts, install, mesh, settled, workload
-from ipnc_dev.realnode.cluster import Sandbox
+from ipnc_dev.realnode.cluster import Node, Sandbox
 from ipnc_dev.realnode.processes import wait_until
 from istio_pod_network_controller import names
 
@@ -134,6 +134,14 @@ def _wait(
         pytest.fail(f"{what}: not within {timeout:g} s")
 
 
+def _new_sandbox(scene: Scene, node: Node, pod_uid: str, replaced: Sandbox) -> bool:
+    """The pod has a ready sandbox, and it is not ``replaced``."""
+    listed = scene.cluster.crictl(
+        node, "pods", "--label", f"io.kubernetes.pod.uid={pod_uid}", "--state", "ready", "-q"
+    )
+    return listed.returncode == 0 and bool(listed.stdout.split()) and replaced.id not in listed.stdout
+
+
 @pytest.fixture(scope="module")
 def scene() -> Iterator[Scene]:
     needs_root()
@@ -228,10 +236,22 @@ def test_recreated_sandbox_is_reprogrammed_and_its_stale_mark_refused(scene: Sce
         return stale in text
 
     # The agent is held (SIGSTOP) while the sandbox is replaced, so that the new sandbox's waiter
-    # surely meets the mark of the old one; well within the agent's liveness allowance.
+    # surely meets the mark of the old one; well within the agent's liveness allowance. The
+    # kubelet is held until the old sandbox's inode number is ours, so that the new sandbox
+    # gets another (the case of the same number is the next scenario's).
     pid = scene.cluster.signal_container(node, agent.uid, "agent", signal.SIGSTOP)
     try:
-        scene.cluster.stop_sandbox(node, old.id)
+        scene.cluster.pause_kubelet(node)
+        try:
+            scene.cluster.stop_sandbox(node, old.id)
+            with scene.cluster.netns_inode_held(old.netns_inode):
+                scene.cluster.resume_kubelet(node)
+                _wait(
+                    f"a new sandbox for {pod.name}",
+                    functools.partial(_new_sandbox, scene, node, pod.uid, old),
+                )
+        finally:
+            scene.cluster.resume_kubelet(node)
         what = f"the new sandbox's waiter of {pod.name} refusing the mark for {old.netns_inode}"
         if not wait_until(waiter_refuses, 20.0, interval=0.2):
             try:
@@ -271,12 +291,6 @@ def test_new_sandbox_given_the_old_inode_number_does_not_pass_on_the_old_mark(sc
     verdict: list[str] = []
     tried: list[int] = []  # the inode numbers the new sandboxes got
 
-    def new_sandbox(replaced: Sandbox) -> bool:
-        listed = scene.cluster.crictl(
-            node, "pods", "--label", f"io.kubernetes.pod.uid={pod.uid}", "--state", "ready", "-q"
-        )
-        return listed.returncode == 0 and bool(listed.stdout.split()) and replaced.id not in listed.stdout
-
     def first_verdict() -> bool:
         # The new sandbox's waiter (one more run) and the first line it wrote after its header.
         (now,) = [p for p in scene.meshed() if p.uid == pod.uid]
@@ -301,7 +315,10 @@ def test_new_sandbox_given_the_old_inode_number_does_not_pass_on_the_old_mark(sc
                 scene.cluster.stop_sandbox(node, current.id)
                 with scene.cluster.next_netns_inode(old.netns_inode):
                     scene.cluster.resume_kubelet(node)
-                    _wait(f"a new sandbox for {pod.name}", functools.partial(new_sandbox, current))
+                    _wait(
+                        f"a new sandbox for {pod.name}",
+                        functools.partial(_new_sandbox, scene, node, pod.uid, current),
+                    )
             finally:
                 scene.cluster.resume_kubelet(node)
             current = scene.cluster.sandbox(node, pod.uid)

@@ -852,6 +852,32 @@ class RealCluster:
         finally:
             stop_all(held)
 
+    @contextlib.contextmanager
+    def netns_inode_held(self, inode: int, *, timeout: float = 5.0) -> Iterator[bool]:
+        """The opposite of ``next_netns_inode``: inside the block no new namespace can get inode
+        number ``inode``, for a namespace of ours holds it once it is free (lower free numbers are
+        held only while looking for it). Yields whether it was free within ``timeout`` seconds;
+        if not, it is still in use, and no one else gets it either unless it is freed during the
+        block."""
+        lower: list[Proc] = []
+        mine: Proc | None = None
+        deadline = time.monotonic() + timeout
+        try:
+            while mine is None and time.monotonic() <= deadline and len(lower) < MAX_INODE_HOLDERS:
+                holder, (net, _) = self._holder(f"inum-{len(self._procs)}", mount=False)
+                self._ended_on_purpose.add(holder.name)
+                if net.inode == inode:
+                    mine = holder
+                elif net.inode < inode:
+                    lower.append(holder)
+                else:
+                    stop_all([holder])
+                    time.sleep(0.05)
+            stop_all(lower)
+            yield mine is not None
+        finally:
+            stop_all([*lower, *([mine] if mine else [])])
+
     def in_netns(self, pid: int, *argv: str, timeout: float = COMMAND_TIMEOUT) -> str:
         """Run ``argv`` (a host binary) in the network namespace of ``pid``; its stdout."""
         return self._run(["nsenter", f"--net=/proc/{pid}/ns/net", "--", *argv], timeout=timeout)
