@@ -39,7 +39,7 @@ from .decide import DEFAULT_EXCLUDED_NAMESPACES, decide
 from .node import locate
 from .node.apply import ApplyResult
 from .node.errors import LocateError, NodeError
-from .node.netns import Netns, NetnsId, netns_id_of
+from .node.netns import Netns, NetnsId, netns_cookie, netns_id_of
 from .node.programmer import NodeApplier, Planned
 from .observe import Metrics, ReconcileResult
 from .podfacts import NamespaceFacts, PodFacts, as_mapping, namespace_facts, pod_facts
@@ -152,6 +152,9 @@ class Programmed:
     mark_seen: bool = False
     detail_fields: dict[str, Any] = field(default_factory=dict)  # ``detail``, parsed
     written_at: float = 0.0  # the agent's clock when the mark was last written (or found)
+    # The namespace's cookie (None on kernels without them): unlike its inode number, never
+    # handed to a later sandbox, so the waiter of a recreated one cannot take our mark for its own.
+    cookie: int | None = None
     nudges: int = 0  # marks written again for this sandbox because its waiter still ran
     gave_up: bool = False  # every nudge spent and the waiter still ran (said once)
 
@@ -166,7 +169,7 @@ class Programmed:
             return False
 
 
-def _marked_args(pod: PodFacts, inode: int) -> tuple[str, ...] | None:
+def _marked_args(pod: PodFacts, inode: int, cookie: int | None) -> tuple[str, ...] | None:
     """The flags of an ``initialized`` mark for this very namespace, if the pod carries one:
     where a previous agent process left the sandbox's rules. Only a hint of what to re-check,
     never proof that the rules are there."""
@@ -176,6 +179,9 @@ def _marked_args(pod: PodFacts, inode: int) -> tuple[str, ...] | None:
     args = detail.get("args")
     if detail.get("netnsInode") != inode or not isinstance(args, list):
         return None
+    marked_cookie = detail.get("netnsCookie")
+    if cookie is not None and marked_cookie is not None and marked_cookie != cookie:
+        return None  # an earlier sandbox whose namespace had the same inode number
     if not all(isinstance(a, str) for a in args):
         return None
     return tuple(args)
@@ -290,7 +296,11 @@ class Agent:
     ) -> Outcome | After:
         """A sandbox this process has no record of: a new one (planned from the pod), or one a
         previous process marked (planned from the flags in that mark, then read back)."""
-        marked = _marked_args(pod, netns.inode)
+        try:
+            cookie = await self._off_loop(netns_cookie, netns)
+        except NodeError as exc:
+            return await self._apply_failed(pod, ref, exc, fields, netns.inode)
+        marked = _marked_args(pod, netns.inode, cookie)
         try:
             plan = await self._plan(pod, namespace, marked)
         except SpecError as exc:
@@ -301,7 +311,8 @@ class Agent:
         except NodeError as exc:
             return await self._apply_failed(pod, ref, exc, fields, netns.inode)
         uid, gid = waiter_ids(pod)
-        record = Programmed(netns.path, netns.id, pod.ips, plan, probe_plan(plan.spec, uid=uid, gid=gid))
+        verify = probe_plan(plan.spec, uid=uid, gid=gid)
+        record = Programmed(netns.path, netns.id, pod.ips, plan, verify, cookie=cookie)
         if marked is not None and result.changed:
             self._drift_repaired(ref, result, fields)
         if marked is not None and not result.changed and read_detail(pod).get("rulesetSha256") == plan.sha:
@@ -384,8 +395,9 @@ class Agent:
         self, ref: PodRef, record: Programmed, result: ApplyResult, fields: dict[str, Any], *, announce: bool
     ) -> Outcome:
         spec = record.plan.spec
-        detail = {
+        detail: dict[str, Any] = {
             "netnsInode": result.inode,
+            **({"netnsCookie": record.cookie} if record.cookie is not None else {}),
             "rulesetSha256": record.plan.sha,
             "appliedAt": now_rfc3339(),
             "mode": result.mode,

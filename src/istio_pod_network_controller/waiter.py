@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 from . import names
 from .bounded import BoundedJsonError, loads_bounded
+from .nscookie import own_netns_cookie
 from .podinfo import PodinfoFormatError, read_annotations
 from .probe import VERIFY_KEY, PlanError, Probe, Skip, check_for, read_plan
 
@@ -88,8 +89,19 @@ def _inode_of(detail: Mapping[str, Any]) -> int | None:
     return inode if isinstance(inode, int) and not isinstance(inode, bool) else None
 
 
-def judge_mark(annotations: Mapping[str, str], netns_inode: int) -> Verdict:
-    """The agent's mark, judged for the network namespace this process is in."""
+def _earlier_cookie(detail: Mapping[str, Any], cookie: int | None) -> int | None:
+    """The mark's namespace cookie when it is not ours: a mark for an earlier sandbox whose
+    namespace had the same inode number. (A mark without one, or a kernel without cookies,
+    leaves the inode alone to decide.)"""
+    marked = detail.get("netnsCookie")
+    if cookie is None or not isinstance(marked, int) or isinstance(marked, bool) or marked == cookie:
+        return None
+    return marked
+
+
+def judge_mark(annotations: Mapping[str, str], netns_inode: int, netns_cookie: int | None = None) -> Verdict:
+    """The agent's mark, judged for the network namespace this process is in (its inode number
+    and, where the kernel has them, its cookie)."""
     status = annotations.get(names.STATUS)
     if status is None:
         return Waiting(f"{names.STATUS} is absent")
@@ -105,6 +117,11 @@ def judge_mark(annotations: Mapping[str, str], netns_inode: int) -> Verdict:
                 f"{names.STATUS} is {status!r} for network namespace {inode}, an earlier sandbox "
                 f"(ours is {netns_inode})"
             )
+        if _earlier_cookie(detail, netns_cookie) is not None:
+            return Waiting(
+                f"{names.STATUS} is {status!r} for an earlier sandbox whose network namespace had the "
+                f"same number {inode} (its cookie is not ours)"
+            )
         return Initialized(detail)
     if status == names.STATUS_ERROR:
         detail, _ = _detail(annotations)
@@ -112,6 +129,8 @@ def judge_mark(annotations: Mapping[str, str], netns_inode: int) -> Verdict:
         inode = _inode_of(detail)
         if inode is not None and inode != netns_inode:
             return Waiting(f"{names.STATUS} is {status!r} for network namespace {inode}, an earlier sandbox")
+        if _earlier_cookie(detail, netns_cookie) is not None:
+            return Waiting(f"{names.STATUS} is {status!r} for an earlier sandbox (its cookie is not ours)")
         reason = detail.get("error")
         text = reason if isinstance(reason, str) and reason.strip() else "(the agent gave no reason)"
         text = " ".join(text.split())  # one line, whatever the annotation holds
@@ -207,6 +226,7 @@ def wait_for_mark(
     path: str,
     *,
     inode: int,
+    cookie: int | None = None,
     timeout: float,
     watcher: Watcher,
     clock: Callable[[], float] = time.monotonic,
@@ -229,7 +249,7 @@ def wait_for_mark(
         except OSError as exc:
             annotations, seen = None, f"cannot read {path}: {exc.strerror or exc}"
         if annotations is not None:
-            found = judge_mark(annotations, inode)
+            found = judge_mark(annotations, inode, cookie)
             if isinstance(found, Initialized):
                 return found, annotations
             if isinstance(found, AgentFailed):
@@ -257,6 +277,19 @@ def _original_dst(conn: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed), int(port)
 
 
+def has_local_route(address: str, port: int) -> bool:
+    """True when this namespace routes ``address`` anywhere: a UDP connect looks the route up
+    and sends nothing."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect((address, port))
+        except OSError as exc:
+            if exc.errno == errno.ENETUNREACH:
+                return False
+            raise
+    return True
+
+
 def prove_redirect(probe: Probe, *, timeout: float = DEFAULT_VERIFY_TIMEOUT) -> str:
     """Listen on the proxy port, connect to the probe address, and require our token and the
     original destination back. Returns a summary; raises WaitFailed (exit 1)."""
@@ -277,9 +310,11 @@ def prove_redirect(probe: Probe, *, timeout: float = DEFAULT_VERIFY_TIMEOUT) -> 
             try:
                 client.connect((probe.address, probe.port))
             except OSError as exc:
-                if exc.errno == errno.ENETUNREACH:
+                if exc.errno == errno.ENETUNREACH and not has_local_route(probe.address, probe.port):
                     # No IPv4 route at all: an IPv6-only pod. The kernel refuses before netfilter
                     # sees the packet, so this proves nothing either way (the check is IPv4).
+                    # (With a route, ENETUNREACH is a router's ICMP answer: the connection left
+                    # the pod, so it was not redirected.)
                     return f"redirect check skipped: no IPv4 route to {target} in this pod (IPv6-only?)"
                 raise WaitFailed(
                     f"redirect check failed: connecting to {target} did not reach the local listener on "
@@ -344,6 +379,9 @@ def run(
     """Wait (and verify); returns the exit code and the one exit line (without program name)."""
     try:
         inode = netns_inode(options.netns_path)
+        # The cookie is this process's own namespace's: it speaks for netns_path only when that
+        # is our own (always, but in tests that point the waiter at another namespace's file).
+        cookie = own_netns_cookie() if options.netns_path == NETNS_PATH else None
     except OSError as exc:
         return 1, f"cannot read this container's network namespace {options.netns_path}: {exc}"
     log(
@@ -353,7 +391,9 @@ def run(
     own_watcher = watcher is None
     active = watcher or make_watcher(options.file, log=log)
     try:
-        mark, _ = wait_for_mark(options.file, inode=inode, timeout=options.timeout, watcher=active, log=log)
+        mark, _ = wait_for_mark(
+            options.file, inode=inode, cookie=cookie, timeout=options.timeout, watcher=active, log=log
+        )
     except WaitFailed as exc:
         return exc.exit_code, str(exc)
     finally:

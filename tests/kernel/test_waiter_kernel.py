@@ -20,7 +20,7 @@ from ipnc_dev.netlab import Netlab, Pod
 from ipnc_dev.podinfo_volume import write_podinfo
 from istio_pod_network_controller import names
 from istio_pod_network_controller.node.apply import Applier
-from istio_pod_network_controller.node.netns import Netns
+from istio_pod_network_controller.node.netns import Netns, netns_cookie
 from istio_pod_network_controller.probe import probe_plan
 from istio_pod_network_controller.spec import parse_flags, spec_from_pod
 
@@ -185,3 +185,66 @@ def test_a_skip_in_the_agents_plan_passes_but_never_as_proven(
         "; redirect check skipped (relying on the agent's read-back of the rules)"
     )
     assert f"redirect check skipped: {reason}" in done.stderr
+
+
+# -- a recreated sandbox, and a router's "network unreachable" --------------------------------
+
+
+def test_a_mark_for_an_earlier_namespace_with_the_same_number_does_not_pass(pod: Pod, volume: Path) -> None:
+    # The kernel hands a namespace's inode number out again once it is gone: only the cookie
+    # tells a recreated sandbox from its predecessor.
+    with Netns(pod.path) as ns:
+        cookie = netns_cookie(ns)
+        assert cookie is not None, "this kernel has namespace cookies (5.14+)"
+        earlier = mark(volume, ns.inode, detail={"verify": agents_plan(), "netnsCookie": cookie + 1})
+    done = run_waiter(pod.path, "--file", str(earlier), "--timeout", "0.5")
+    assert done.returncode == 1
+    assert "an earlier sandbox whose network namespace had the same number" in done.stderr.splitlines()[-1]
+    with Netns(pod.path) as ns:
+        ours = mark(volume, ns.inode, detail={"verify": agents_plan(), "netnsCookie": cookie})
+    done = run_waiter(pod.path, "--file", str(ours), "--timeout", "5")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.fixture
+def routed_pod() -> Iterator[str]:
+    """A pod namespace whose default route leads to a router that has no route to the probe
+    address and says so with ICMP "network unreachable" (the real-node harness's nodes do)."""
+    tag = os.urandom(3).hex()
+    pod_ns, router_ns = f"ipnc-test-{tag}p", f"ipnc-test-{tag}r"
+    steps = [
+        ["ip", "netns", "add", pod_ns],
+        ["ip", "netns", "add", router_ns],
+        ["ip", "-n", pod_ns, "link", "add", "eth0", "type", "veth", "peer", "up0", "netns", router_ns],
+        ["ip", "-n", pod_ns, "link", "set", "lo", "up"],
+        ["ip", "-n", pod_ns, "link", "set", "eth0", "up"],
+        ["ip", "-n", pod_ns, "addr", "add", "10.99.0.2/24", "dev", "eth0"],
+        ["ip", "-n", pod_ns, "route", "add", "default", "via", "10.99.0.1"],
+        ["ip", "-n", router_ns, "link", "set", "up0", "up"],
+        ["ip", "-n", router_ns, "addr", "add", "10.99.0.1/24", "dev", "up0"],
+        ["ip", "netns", "exec", router_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1"],
+        # The router has no route to 192.0.2.0/24 at all: it answers ICMP "network unreachable"
+        # (an `unreachable` route would answer "host unreachable").
+    ]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, timeout=10)  # noqa: S603
+        yield f"/run/netns/{pod_ns}"
+    finally:
+        for name in (pod_ns, router_ns):
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10, check=False)  # noqa: S603
+
+
+def test_a_routers_network_unreachable_is_not_taken_for_an_ipv6_only_pod(
+    routed_pod: str, volume: Path
+) -> None:
+    # No rules: the probe leaves the pod and the router answers "network unreachable". That is
+    # an unredirected connection, not a pod without an IPv4 route: the check must fail.
+    with Netns(routed_pod) as ns:
+        path = mark(volume, ns.inode)
+    done = run_waiter(routed_pod, "--file", str(path), "--timeout", "10", "--verify", "--verify-timeout", "2")
+    assert done.returncode == 1, done.stdout
+    assert "skipped" not in done.stdout + done.stderr
+    assert last_line(done).startswith(
+        "istio-pod-network-controller init: redirect check failed: connecting to 192.0.2.1:80"
+    )

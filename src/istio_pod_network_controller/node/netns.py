@@ -9,6 +9,7 @@ namespace is identified by its inode (a recreated sandbox has a new one).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -17,11 +18,13 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from ..nscookie import own_netns_cookie
 from .errors import LocateError, NodeError
 
 NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: which kind of namespace it is
@@ -69,6 +72,32 @@ def tool(name: str) -> str:
 def netns_id_of(path: str | os.PathLike[str]) -> NetnsId:
     st = os.stat(path)
     return NetnsId(st.st_dev, st.st_ino)
+
+
+def netns_cookie(ns: Netns) -> int | None:
+    """``ns``'s cookie (see ``nscookie``), read from a socket made inside it by a thread of its
+    own that enters it and ends (``setns`` moves only the calling thread; this one runs nothing
+    else). None when the kernel has no cookies; raises NodeError when it cannot be entered."""
+    result: list[int | None] = []
+    failure: list[str] = []
+
+    def inside() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
+            failure.append(os.strerror(ctypes.get_errno()))
+            return
+        try:
+            result.append(own_netns_cookie())
+        except OSError as exc:
+            failure.append(exc.strerror or str(exc))
+
+    thread = threading.Thread(target=inside, name="netns-cookie", daemon=True)
+    thread.start()
+    thread.join()
+    if failure or not result:
+        why = failure[0] if failure else "the thread ended without an answer"
+        raise NodeError("netns cookie", f"cannot read the cookie of {ns.path}: {why}")
+    return result[0]
 
 
 class Netns:
