@@ -45,7 +45,8 @@ CHART_ARG = "./chart/istio-pod-network-controller"
 AGENT_SA = "istio-pod-network-controller-agent"
 WEBHOOK_SA = "istio-pod-network-controller-webhook"
 SCC_NAME = "istio-pod-network-controller-agent"
-MWC_NAME = "istio-pod-network-controller"
+# Named to sort after Istio's injector (istio-sidecar-injector*): see docs/waiter-and-webhook.md.
+MWC_NAME = "zz-istio-pod-network-controller"
 MARK_POLICY = "istio-pod-network-controller-mark"
 
 
@@ -636,7 +637,8 @@ def test_helm_install_upgrade_keeps_certificate_and_uninstall(
             return str(secret.data["ca.crt"])
 
         def ca_bundles() -> set[str]:
-            out = control_plane.kubectl("get", "mutatingwebhookconfiguration", fullname, "-o", "json").stdout
+            mwc = f"zz-{fullname}"
+            out = control_plane.kubectl("get", "mutatingwebhookconfiguration", mwc, "-o", "json").stdout
             return {w["clientConfig"]["caBundle"] for w in json.loads(out)["webhooks"]}
 
         before = ca()
@@ -647,7 +649,7 @@ def test_helm_install_upgrade_keeps_certificate_and_uninstall(
     finally:
         chart.helm("uninstall", "ipnc", "-n", namespace, kubeconfig=kubeconfig, check=False)
         chart.remove_mark_policy(control_plane, chart.mark_policy_name(fullname))
-    gone = control_plane.kubectl("get", "mutatingwebhookconfiguration", fullname, check=False)
+    gone = control_plane.kubectl("get", "mutatingwebhookconfiguration", f"zz-{fullname}", check=False)
     assert gone.returncode != 0 and "NotFound" in gone.stderr
 
 
