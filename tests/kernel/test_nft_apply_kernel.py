@@ -347,3 +347,202 @@ def test_a_new_pods_apply_looks_for_no_other_mode(pod_ns: Netns, runner: Runner)
     Applier(tools(Backend.NFT)).apply(pod_ns, render(parse_flags(list(SIDECAR))))
     result = NftApplier(runner).apply(pod_ns, plan())
     assert result.replaced == "" and iptables_ours(pod_ns) != ""
+
+
+# -- a tenant with NET_ADMIN in its own namespace ------------------------------------------------
+
+
+class Recording:
+    """The real runner; every command run in the pod's namespace and the bytes it printed are
+    kept, to show what an apply read."""
+
+    def __init__(self, inner: Runner) -> None:
+        self.inner, self.name = inner, inner.name
+        self.commands: list[tuple[str, int]] = []
+
+    def within(self, ns: Netns, body: Any) -> Any:
+        return self.inner.within(ns, lambda session: body(_Recorded(session, self.commands)))
+
+    def scratch(self, body: Any) -> Any:
+        return self.inner.scratch(body)
+
+
+class _Recorded:
+    def __init__(self, inner: Session, into: list[tuple[str, int]]) -> None:
+        self.inner, self.into = inner, into
+
+    def run(self, script: str, *, json_output: bool = False) -> Completed:
+        done = self.inner.run(script, json_output=json_output)
+        self.into.append((script, len(done.stdout)))
+        return done
+
+
+def big_tenant_table(ns: Netns, elements: int) -> None:
+    nft(ns, "add table inet tenant\nadd set inet tenant big { type ipv4_addr; }\n")
+    addresses = ",".join(f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" for i in range(elements))
+    nft(ns, f"add element inet tenant big {{ {addresses} }}\n")
+
+
+def tenant_set(ns: Netns) -> set[str]:
+    listed = json.loads(ns.run(["nft", "-j", "list", "set", "inet", "tenant", "big"]).stdout)
+    return {str(e) for item in listed["nftables"] for e in item.get("set", {}).get("elem", ())}
+
+
+def test_a_tenants_big_table_is_never_listed(lab: Netlab, runner: Runner) -> None:
+    rules = plan("--ipv6", "--redirect-dns")
+    with Netns(lab.add_netns("tenant")) as tenant, Netns(lab.add_netns("clean")) as clean:
+        big_tenant_table(tenant, 50_000)
+        theirs = tenant_set(tenant)
+        assert len(theirs) == 50_000
+        seen: dict[str, Recording] = {}
+        for name, ns in (("tenant", tenant), ("clean", clean)):
+            seen[name] = recording = Recording(runner)
+            applier = NftApplier(recording)
+            assert applier.apply(ns, rules, fresh=False).changed  # read, write, verify
+            assert not applier.apply(ns, rules, fresh=False).changed  # read only
+        lists = {name: [c for c in r.commands if c[0].startswith("list")] for name, r in seen.items()}
+        assert lists["tenant"] and all("istio-proxy-" in script for script, _ in lists["tenant"])
+        assert [s for s, _ in lists["tenant"]] == [s for s, _ in lists["clean"]]
+        # Our tables only: what was listed is what a clean namespace lists, give or take the
+        # digits of handles, nowhere near the tenant's ~1 MB set.
+        listed = {name: sum(size for _, size in found) for name, found in lists.items()}
+        assert listed["tenant"] < 1.2 * listed["clean"]
+        assert tenant_set(tenant) == theirs
+        assert ours(tenant) == ours(clean)
+
+
+CHURN = """
+import subprocess, sys, time
+# Bounded: ends by itself after the given seconds if the test cannot stop it.
+end = time.monotonic() + float(sys.argv[1])
+nft = subprocess.Popen(["nft", "-f", "-"], stdin=subprocess.PIPE, text=True)
+nft.stdin.write("add table inet tenant2\\n")
+while time.monotonic() < end:
+    nft.stdin.write("add chain inet tenant2 c\\ndelete chain inet tenant2 c\\n")
+nft.stdin.close()
+"""
+
+CHURN_LIB = """
+import ctypes, sys, time
+lib = ctypes.CDLL("libnftables.so.1")
+lib.nft_ctx_new.restype = ctypes.c_void_p
+lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+lib.nft_ctx_buffer_output.argtypes = lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+ctx = lib.nft_ctx_new(0)
+lib.nft_ctx_buffer_output(ctx)
+lib.nft_ctx_buffer_error(ctx)
+lib.nft_run_cmd_from_buffer(ctx, b"add table inet tenant2")
+# Bounded: ends by itself after the given seconds if the test cannot stop it.
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    lib.nft_run_cmd_from_buffer(ctx, b"add chain inet tenant2 c; delete chain inet tenant2 c")
+"""
+
+
+def test_a_tenant_churning_commits_blocks_neither_its_apply_nor_anyone_elses(lab: Netlab) -> None:
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    _needs_root()
+    try:
+        runner: Runner = LibRunner(timeout=10.0)
+        script = CHURN_LIB
+    except NodeError:
+        runner, script = ProcessRunner(), CHURN
+    applier = NftApplier(runner)
+    rules = plan()
+    applier.expected.compute(runner, rules.text)
+    path = lab.add_netns("churn")
+    with Netns(path) as tenant:
+        # With a big table, a whole-ruleset dump is long enough that every one is restarted by
+        # the next commit: what made a listing of it never end.
+        big_tenant_table(tenant, 50_000)
+    churn = subprocess.Popen(["nsenter", f"--net={path}", "--", sys.executable, "-c", script, "90"])  # noqa: S603
+    outcome: dict[str, object] = {}
+    try:
+        time.sleep(1.0)  # the tenant is committing before we start
+        assert churn.poll() is None
+
+        def in_churning() -> None:
+            with Netns(path) as ns:
+                try:
+                    outcome["churning"] = applier.apply(ns, rules, fresh=False).changed
+                except ApplyError as exc:  # allowed: a clear error within the time bound
+                    outcome["churning"] = exc
+
+        started = threading.Thread(target=in_churning, daemon=True)
+        started.start()
+        time.sleep(0.5)
+        with Netns(lab.add_netns("innocent")) as innocent:
+            other = threading.Thread(
+                target=lambda: outcome.setdefault("innocent", applier.apply(innocent, rules).changed),
+                daemon=True,
+            )
+            other.start()
+            other.join(60)
+            assert outcome.get("innocent") is True, "another pod's apply waited for the tenant"
+            assert ours(innocent) != ""
+        started.join(60)
+        assert "churning" in outcome, "the churning namespace's apply never returned"
+        if isinstance(outcome["churning"], ApplyError):
+            assert "did not finish within" in outcome["churning"].reason
+            assert path in outcome["churning"].reason
+    finally:
+        churn.kill()
+        churn.wait()
+
+
+def test_an_apply_that_outlives_its_deadline_fails_clearly_and_stops(pod_ns: Netns) -> None:
+    import time
+
+    _needs_root()
+    try:
+        runner = LibRunner(timeout=0.5)
+    except NodeError:
+        pytest.skip("libnftables is not installed")
+    recording = Recording(runner)
+
+    def stall(step: str, ns: Netns) -> None:
+        if step == "read":
+            time.sleep(1.5)
+
+    applier = NftApplier(recording, on_step=stall)
+    applier.expected.compute(runner, plan().text)
+    with pytest.raises(ApplyError) as failed:
+        applier.apply(pod_ns, plan(), fresh=False)
+    assert "did not finish within 0.5s" in failed.value.reason and pod_ns.path in failed.value.reason
+    assert runner.abandoned == 1
+    for _ in range(50):  # bounded: the stalled thread ends a second later
+        if runner.stuck() == 0:
+            break
+        time.sleep(0.1)
+    assert runner.stuck() == 0
+    assert recording.commands == []  # woke up abandoned: no command ran
+    assert ours(pod_ns) == ""
+
+
+def v6_addresses(ns: Netns) -> str:
+    return ns.run(["ip", "-6", "addr", "show", "dev", "lo"]).stdout
+
+
+def test_a_failed_apply_takes_away_the_passthrough_address_it_added(pod_ns: Netns, runner: Runner) -> None:
+    # Believed new, but a table of ours is there: the create-only batch fails after `::6` was
+    # added beside it; the read-first path finds `::6` present, and its write fails.
+    nft(pod_ns, "add table inet istio-proxy-nat\n")
+    before = listing(pod_ns, handles=True)
+    assert "::6/128" not in v6_addresses(pod_ns)
+    with pytest.raises(ApplyError) as failed:
+        NftApplier(FailingWrites(runner)).apply(pod_ns, plan("--ipv6"))
+    assert "previous rules restored" in failed.value.reason
+    assert "::6/128" not in v6_addresses(pod_ns)
+    assert listing(pod_ns, handles=True) == before
+
+
+def test_a_failed_apply_keeps_a_passthrough_address_it_did_not_add(pod_ns: Netns, runner: Runner) -> None:
+    assert pod_ns.run(["ip", "-6", "addr", "add", "::6/128", "dev", "lo"]).ok
+    nft(pod_ns, "add table inet istio-proxy-nat\n")
+    with pytest.raises(ApplyError):
+        NftApplier(FailingWrites(runner)).apply(pod_ns, plan("--ipv6"))
+    assert "::6/128" in v6_addresses(pod_ns)

@@ -22,6 +22,10 @@ import ctypes
 import ctypes.util
 import hashlib
 import json
+import logging
+import os
+import selectors
+import subprocess
 import threading
 import time
 from collections import OrderedDict
@@ -38,7 +42,7 @@ from .apply import ApplyResult, NamespaceLocks, StepHook, scratch_netns
 from .backend import Backend, Family
 from .backend import tools as backend_tools
 from .errors import ApplyError, NodeError
-from .netns import CLONE_NEWNET, Completed, Netns, tool
+from .netns import CLONE_NEWNET, DEFAULT_TIMEOUT, Completed, Netns, tool
 
 MODE = "nftables"
 BACKEND = "nftables"
@@ -46,7 +50,13 @@ BACKEND = "nftables"
 OUR_TABLES: tuple[str, ...] = tuple(t.value for t in TableName)
 _MANGLE = TableName.MANGLE.value
 _TPROXY_CHAIN = "istio-tproxy"
-LIST = "list ruleset"
+# What we read back: our tables, one command each, never the whole ruleset. A pod with NET_ADMIN
+# may hold tables of its own of any size (a listing of all of them costs what it costs: seconds
+# and hundreds of MiB for a 200k-element set); a table of ours that is not there is just absent.
+LISTS: tuple[str, ...] = tuple(f"list table {FAMILY} {t}" for t in OUR_TABLES)
+_ABSENT = "No such file or directory"
+# How long one in-process apply may take, as a step of the nft binary (netns.DEFAULT_TIMEOUT).
+LIB_TIMEOUT = 30.0
 
 T = TypeVar("T")
 
@@ -160,14 +170,22 @@ class Owned:
 
     @classmethod
     def from_listing(cls, text: str) -> Owned:
-        """Our part of ``nft -j list ruleset``; ApplyError when it is not that."""
-        try:
-            listed = json.loads(text)
-            objects = listed["nftables"]
-            if not isinstance(objects, list):
-                raise TypeError("not a list")
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ApplyError("read", f"nft listing is not the expected JSON: {exc}") from None
+        """Our part of an ``nft -j list ...`` listing; ApplyError when it is not that."""
+        return cls.from_listings([text])
+
+    @classmethod
+    def from_listings(cls, texts: Iterable[str]) -> Owned:
+        """Our part of several ``nft -j list ...`` listings, in order."""
+        objects: list[Any] = []
+        for text in texts:
+            try:
+                listed = json.loads(text)
+                found = listed["nftables"]
+                if not isinstance(found, list):
+                    raise TypeError("not a list")
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ApplyError("read", f"nft listing is not the expected JSON: {exc}") from None
+            objects += found
         items: list[Item] = []
         for obj in objects:
             if not isinstance(obj, dict) or len(obj) != 1:
@@ -261,8 +279,8 @@ class _ProcessSession:
         self._ns, self._nft = ns, nft
 
     def run(self, script: str, *, json_output: bool = False) -> Completed:
-        if script == LIST:  # nft -f prints no JSON for a list command: ask on the command line
-            return self._ns.run([self._nft, "-j", "list", "ruleset"])
+        if script in LISTS:  # nft -f prints no JSON for a list command: ask on the command line
+            return self._ns.run([self._nft, "-j", *script.split()])
         argv = [self._nft, *(["-j"] if json_output else []), "-f", "-"]
         return self._ns.run(argv, stdin=script)
 
@@ -284,6 +302,8 @@ class ProcessRunner:
 
 
 _NFT_CTX_OUTPUT_JSON = 1 << 4
+_THREAD = "ipnc-nft-netns"
+_log = logging.getLogger(__name__)
 
 
 class _Libnftables:
@@ -314,16 +334,23 @@ class _Libnftables:
         self.libc = libc
 
 
-# libnftables does not promise that contexts in different threads may run at once: every call
-# into it takes this lock (each is well under a millisecond for our rulesets).
+# libnftables keeps a command's state in its context (parser, scanner, cache, netlink socket,
+# output buffers), so contexts in different threads run commands side by side. What is process-
+# wide is set up on the first nft_ctx_new (mini-gmp's allocators, xtables, behind an unguarded
+# "once" flag) and torn down around nft_ctx_free: those two take this lock, and nothing else does,
+# so that one slow namespace (a tenant's churning commits restart a listing's dump) never holds
+# up another's apply. Our scripts use no interface-index lookups (`iif`, `oif`), the one per-
+# command path through a process-wide cache; a tenant's rules are never listed.
 _LIB_LOCK = threading.Lock()
 
 
 class _LibSession:
-    """A libnftables context created inside the namespace of the thread that owns it."""
+    """A libnftables context created inside the namespace of the thread that owns it.
+    ``abandoned`` set (its apply ran out of time): no further command starts."""
 
-    def __init__(self, api: _Libnftables) -> None:
+    def __init__(self, api: _Libnftables, abandoned: threading.Event) -> None:
         self._api = api
+        self._abandoned = abandoned
         with _LIB_LOCK:
             ctx = api.lib.nft_ctx_new(0)
             if not ctx:
@@ -335,12 +362,13 @@ class _LibSession:
     def run(self, script: str, *, json_output: bool = False) -> Completed:
         if self._ctx is None:
             raise ApplyError("nft", "libnftables context already closed")
+        if self._abandoned.is_set():
+            raise ApplyError("nft", "apply ran out of time; no further nft command")
         lib = self._api.lib
-        with _LIB_LOCK:
-            lib.nft_ctx_output_set_flags(self._ctx, _NFT_CTX_OUTPUT_JSON if json_output else 0)
-            code = lib.nft_run_cmd_from_buffer(self._ctx, script.encode())
-            out = lib.nft_ctx_get_output_buffer(self._ctx) or b""
-            err = lib.nft_ctx_get_error_buffer(self._ctx) or b""
+        lib.nft_ctx_output_set_flags(self._ctx, _NFT_CTX_OUTPUT_JSON if json_output else 0)
+        code = lib.nft_run_cmd_from_buffer(self._ctx, script.encode())
+        out = lib.nft_ctx_get_output_buffer(self._ctx) or b""
+        err = lib.nft_ctx_get_error_buffer(self._ctx) or b""
         return Completed(
             ("nft",), 0 if code == 0 else 1, out.decode(errors="replace"), err.decode(errors="replace")
         )
@@ -357,11 +385,24 @@ class LibRunner:
 
     name = "libnftables"
 
-    def __init__(self, path: str = "libnftables.so.1") -> None:
+    def __init__(self, path: str = "libnftables.so.1", *, timeout: float = LIB_TIMEOUT) -> None:
         try:
             self._api = _Libnftables(path)
         except (OSError, AttributeError) as exc:
             raise NodeError("nft", f"libnftables is not usable: {exc}") from None
+        self.timeout = timeout
+        # Threads whose apply ran out of time and that were left to end on their own (a call
+        # into the library cannot be interrupted). Each was dedicated to its apply: nothing
+        # reuses it, and it starts no further nft command once abandoned.
+        self.abandoned = 0
+        self._stuck: list[threading.Thread] = []
+        self._count_guard = threading.Lock()
+
+    def stuck(self) -> int:
+        """Abandoned threads still running."""
+        with self._count_guard:
+            self._stuck = [t for t in self._stuck if t.is_alive()]
+            return len(self._stuck)
 
     def within(self, ns: Netns, body: Callable[[Session], T]) -> T:
         fd = ns.fileno()
@@ -375,6 +416,7 @@ class LibRunner:
     def _in_thread(self, enter: Callable[[], int], body: Callable[[Session], T], what: str) -> T:
         outcome: list[T] = []
         failure: list[BaseException] = []
+        abandoned = threading.Event()
 
         def work() -> None:
             # This thread is never used for anything else: whether or not it entered, it ends here.
@@ -382,7 +424,7 @@ class LibRunner:
                 if enter() != 0:
                     errno = ctypes.get_errno()
                     raise ApplyError("nft", f"cannot enter {what}: errno {errno}")
-                session = _LibSession(self._api)
+                session = _LibSession(self._api, abandoned)
                 try:
                     outcome.append(body(session))
                 finally:
@@ -390,9 +432,24 @@ class LibRunner:
             except BaseException as exc:
                 failure.append(exc)
 
-        thread = threading.Thread(target=work, name="ipnc-nft-netns", daemon=True)
+        thread = threading.Thread(target=work, name=_THREAD, daemon=True)
         thread.start()
-        thread.join()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            abandoned.set()
+            with self._count_guard:
+                self.abandoned += 1
+                self._stuck.append(thread)
+            _log.warning(
+                "libnftables in %s did not finish within %gs; its thread was abandoned "
+                "(%d so far, %d still running)",
+                what, self.timeout, self.abandoned, self.stuck(),
+            )
+            raise ApplyError(
+                "nft",
+                f"libnftables in {what} did not finish within {self.timeout:g}s "
+                "(its ruleset is changing or huge); abandoned, no further nft command runs there",
+            )
         if failure:
             raise failure[0]
         return outcome[0]
@@ -404,6 +461,19 @@ def default_runner() -> Runner:
         return LibRunner()
     except NodeError:
         return ProcessRunner()
+
+
+def read_owned(nft: Session, step: str) -> Owned:
+    """Our tables in the session's namespace: one listing per table of ours, absent ones skipped;
+    nothing else there is read."""
+    texts: list[str] = []
+    for command in LISTS:
+        listed = nft.run(command, json_output=True)
+        if listed.ok:
+            texts.append(listed.stdout)
+        elif _ABSENT not in listed.stderr:
+            raise ApplyError(step, listed.reason())
+    return Owned.from_listings(texts)
 
 
 # -- the expected form, once per ruleset ------------------------------------------------------
@@ -434,10 +504,7 @@ class ExpectedCache:
             loaded = session.run(text)
             if not loaded.ok:
                 raise ApplyError("prepare", f"nftables ruleset does not load: {loaded.reason()}")
-            listed = session.run(LIST, json_output=True)
-            if not listed.ok:
-                raise ApplyError("prepare", listed.reason())
-            return Owned.from_listing(listed.stdout)
+            return read_owned(session, "prepare")
 
         result = runner.scratch(load) if text else Owned()
         with self._guard:
@@ -481,6 +548,58 @@ def restore_transaction(previous: Owned) -> str:
 # -- the other mode ---------------------------------------------------------------------------
 
 
+# Our iptables-mode rules are a few KiB; a pod with NET_ADMIN may have any amount of its own. What
+# is read of an iptables-save is capped so that it cannot exhaust the agent's memory.
+MAX_SAVE_BYTES = 4 * 2**20
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _bounded_output(ns: Netns, command: list[str], limit: int = MAX_SAVE_BYTES) -> str | None:
+    """``command``'s stdout in ``ns``, or None when it fails or takes longer than a step may
+    (netns.DEFAULT_TIMEOUT); _TooLarge (the command killed) past ``limit`` bytes."""
+    fd = ns.fileno()
+    try:
+        proc = subprocess.Popen(  # noqa: S603 -- argv list from backend.tools
+            ns.argv(command),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(fd,),
+        )
+    except OSError:
+        return None
+    assert proc.stdout is not None
+    chunks: list[bytes] = []
+    size = 0
+    deadline = time.monotonic() + DEFAULT_TIMEOUT
+    try:
+        with selectors.DefaultSelector() as selector:
+            selector.register(proc.stdout, selectors.EVENT_READ)
+            while size <= limit:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    return None
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        if size > limit:
+            raise _TooLarge
+        code = proc.wait(max(deadline - time.monotonic(), 0.1))
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    return b"".join(chunks).decode(errors="replace") if code == 0 else None
+
+
 def remove_iptables_mode(ns: Netns, *, keep_routes: bool) -> list[str]:
     """Remove our iptables-mode rules from ``ns``, with either iptables backend installed here;
     and, unless ``keep_routes``, the TPROXY policy route they used. Notes on what was done."""
@@ -491,11 +610,18 @@ def remove_iptables_mode(ns: Netns, *, keep_routes: bool) -> list[str]:
         except NodeError:
             continue
         for family in Family:
-            saved = ns.run(found.save_argv(family))
-            if not saved.ok:
+            try:
+                saved = _bounded_output(ns, found.save_argv(family))
+            except _TooLarge:
+                notes.append(
+                    f"{family.value} ({backend.value}) rules of iptables mode not looked for: "
+                    f"the namespace's iptables ruleset is over {MAX_SAVE_BYTES // 2**20} MiB"
+                )
+                continue
+            if saved is None:
                 continue  # no such family here, or nothing loaded
             try:
-                owned = tables.owned(tables.parse_save(saved.stdout))
+                owned = tables.owned(tables.parse_save(saved))
             except tables.RulesetFormatError:
                 continue
             if owned.is_empty():
@@ -611,7 +737,9 @@ class NftApplier:
                         )
             if plan.ipv6:
                 self._step("passthrough address", ns)
-                work.added_passthrough = routes.add_passthrough_v6(ns)
+                # |=: the fresh path may have added it already, and what this apply added, its
+                # rollback removes.
+                work.added_passthrough |= routes.add_passthrough_v6(ns)
             if pending:
                 self._step("write", ns)
                 work.written = True
@@ -692,10 +820,7 @@ class NftApplier:
         nft.run("".join(f"delete table {FAMILY} {t}\n" for t in plan.tables()))
 
     def _read(self, nft: Session, step: str) -> Owned:
-        listed = nft.run(LIST, json_output=True)
-        if not listed.ok:
-            raise ApplyError(step, listed.reason())
-        return Owned.from_listing(listed.stdout)
+        return read_owned(nft, step)
 
     def _verify(self, nft: Session, want: Owned) -> None:
         got = self._read(nft, "verify")
