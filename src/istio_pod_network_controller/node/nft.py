@@ -3,10 +3,10 @@
 nftables commits a whole batch or nothing, so one apply is one transaction: our three tables
 (``inet istio-proxy-nat``/``-mangle``/``-raw``, the names Istio's ``--native-nftables`` gives them)
 are deleted and rebuilt from the rendered ruleset in the same batch, and a failure leaves the
-namespace as it was. What we read back (``list ruleset``, JSON) is compared with the same ruleset
-loaded once into an empty namespace, so both sides are in the kernel's own canonical form. No
-other table is ever written. TPROXY's policy route and IPv6's ``::6`` go through ``routes`` as in
-iptables mode.
+namespace as it was. What we read back (``list table`` of each of ours, JSON; nothing else in the
+namespace is read) is compared with the same ruleset loaded once into an empty namespace, so both
+sides are in the kernel's own canonical form. No other table is ever written. TPROXY's policy
+route and IPv6's ``::6`` go through ``routes`` as in iptables mode.
 
 nft runs either in process, through libnftables, or as ``nsenter ... nft`` per step. In process,
 a short-lived thread enters the pod's namespace (``setns`` changes only the calling thread), does
