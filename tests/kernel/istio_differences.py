@@ -20,7 +20,7 @@ from enum import Enum
 from istio_pod_network_controller.render.nftables import NFT_KEYWORDS
 from istio_pod_network_controller.spec import SpecError
 from istio_pod_network_controller.spec import values as v
-from istio_pod_network_controller.spec.limits import MAX_LIST_ITEMS
+from istio_pod_network_controller.spec.limits import MAX_LIST_ITEMS, MAX_RULES
 
 
 class Mode(Enum):
@@ -61,6 +61,9 @@ def _entry(
 _GROUPS_64 = ",".join(str(1000 + i) for i in range(64))
 _PORTS_1001 = ",".join(str(1000 + i) for i in range(MAX_LIST_ITEMS + 1))
 _GROUPS_50 = ",".join(str(1000 + i) for i in range(50))
+# 1,000 CIDRs times 21 virtual interfaces: a rule per pair, past MAX_RULES.
+_CIDRS_1000 = ",".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(1000))
+_NICS_21 = ",".join(f"kv{i}" for i in range(21))
 
 DIFFERENCES: tuple[Difference, ...] = (
     # Parity: listed because one could expect a difference.
@@ -115,6 +118,7 @@ DIFFERENCES: tuple[Difference, ...] = (
     _entry("run-control-flags", ("--skip-rule-apply",), both(*[ACCEPTS] * 4), same_state=False),
     _entry("envoy-user", ("-u", "", "ENVOY_USER=daemon"), both(*[ACCEPTS] * 4), same_state=False),
     _entry("list-over-limit", ("-o", _PORTS_1001), both(ACCEPTS, ACCEPTS, REFUSES, REFUSES)),
+    _entry("rules-over-limit", ("-i", _CIDRS_1000, "-k", _NICS_21), both(ACCEPTS, ACCEPTS, REFUSES, REFUSES)),
     _entry(
         "owner-groups-64", ("--owner-groups-include", _GROUPS_64), both(REFUSES, REFUSES, REFUSES, ACCEPTS)
     ),
@@ -197,6 +201,8 @@ def shown(options: Options, switches: frozenset[str], *, ipv6: bool, mode: Mode)
         found.add("envoy-user")
     if any(len([i for i in text.split(",") if i]) > MAX_LIST_ITEMS for text in options.values()):
         found.add("list-over-limit")
+    elif len(_items(options.get("-k", ""))) * len(_items(options.get("-i", ""))) > MAX_RULES:
+        found.add("rules-over-limit")
     parts = _number_parts(options, NUMBER_FLAGS)
     if any(_LEADING_ZERO.fullmatch(p) for p in parts):
         found.add("leading-zeros")

@@ -160,3 +160,20 @@ def test_ipv4_mapped_loopback_counts_as_loopback_as_in_go() -> None:
     assert "-o lo -m owner ! --uid-owner" not in mapped
     plain = render(parse_flags(["-i", "::ffff:10.0.0.1/128", "--ipv6"])).ip6tables
     assert "-o lo -m owner ! --uid-owner" in plain
+
+
+def test_no_pod_makes_more_rules_than_the_limit_in_either_mode() -> None:
+    # Each -k interface adds a rule per -i CIDR: 1,000 of each would be a million rules in the
+    # agent. Both renderers stop once past MAX_RULES, with one line.
+    from istio_pod_network_controller.render.nftables import render_nftables
+    from istio_pod_network_controller.spec.errors import TooManyRules
+    from istio_pod_network_controller.spec.limits import MAX_RULES
+
+    cidrs = ",".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(1000))
+    huge = parse_flags(["-i", cidrs, "-k", ",".join(["eth0"] * 1000)])
+    for renderer in (render, render_nftables):
+        with pytest.raises(TooManyRules, match=f"more than {MAX_RULES} rules for one pod") as caught:
+            renderer(huge)
+        assert "\n" not in str(caught.value)
+    fine = parse_flags(["-i", cidrs, "-k", "eth0,eth1,eth2,eth3"])
+    assert render(fine).rule_count() == render_nftables(fine).rule_count() > 5000

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..spec.errors import SpecError
+from ..spec.errors import SpecError, too_many_rules
+from ..spec.limits import MAX_RULES
 from ..spec.model import DNS_AGENT_PORT, OUTBOUND_MARK, InterceptionMode, RedirectSpec
 from ..spec.values import DnsServer, Port, PortRange
 from .rules import FamilyRules, Rule
@@ -65,6 +66,8 @@ class _Builder:
             self.v4.append(rule)
         if family in (None, 6) and self.ipv6:
             self.v6.append(rule)
+        if len(self.v4) + len(self.v6) > MAX_RULES:
+            raise too_many_rules(MAX_RULES)
 
     def add_versioned(
         self, v4: str, v6: str, table: str, chain: str, *match: str, jump: str, options: tuple[str, ...] = ()

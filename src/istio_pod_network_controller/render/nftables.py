@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
+from ..spec.errors import too_many_rules
+from ..spec.limits import MAX_RULES
 from ..spec.model import DNS_AGENT_PORT, OUTBOUND_MARK, InterceptionMode, RedirectSpec
 from ..spec.values import Port, PortRange
 from .ruleset import TproxyRoute
@@ -392,10 +394,12 @@ class _Builder:
 
     ipv6: bool
     rules: dict[TableName, list[NftRule]] = field(default_factory=lambda: {t: [] for t in TableName})
+    count: int = 0
 
     def add(self, table: TableName, chain: ChainName, *statements: Statement, v6: bool = False) -> None:
         if v6 and not self.ipv6:
             return
+        self._counted()
         self.rules[table].append(NftRule(chain, statements))
 
     def insert(
@@ -403,7 +407,13 @@ class _Builder:
     ) -> None:
         if v6 and not self.ipv6:
             return
+        self._counted()
         self.rules[table].append(NftRule(chain, statements, index))
+
+    def _counted(self) -> None:
+        self.count += 1
+        if self.count > MAX_RULES:
+            raise too_many_rules(MAX_RULES)
 
 
 def _table(name: TableName, rules: list[NftRule]) -> NftTable | None:

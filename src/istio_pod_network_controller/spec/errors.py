@@ -63,3 +63,20 @@ class OutOfScope(Exception):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class TooManyRules(SpecError):
+    """What a renderer raises once the rules it builds for one pod pass ``limit``."""
+
+    def __init__(self, limit: int) -> None:
+        self.field = "flags"
+        self.value = ""
+        self.reason = (
+            f"they make more than {limit} rules for one pod, the limit "
+            "(each -k interface adds a rule per -i CIDR)"
+        )
+        ValueError.__init__(self, f"{self.field}: {self.reason}")
+
+
+def too_many_rules(limit: int) -> SpecError:
+    return TooManyRules(limit)

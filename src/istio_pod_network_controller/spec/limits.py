@@ -45,5 +45,12 @@ MAX_MANIFEST_BYTES = 1024 * 1024
 # Nesting of a manifest (a Pod is about 10 levels deep), JSON or YAML.
 MAX_MANIFEST_DEPTH = MAX_JSON_DEPTH
 
+# Rules one pod's flags may make (both families, every table). Most grow linearly with a list,
+# but each virtual interface (-k) adds a rule per outbound CIDR (-i): 1,000 of each would be a
+# million rules and some hundred MB in the agent, which programs every pod of its node. Real
+# configurations make tens; 1,000 excluded CIDRs for both families make about 2,000. The
+# renderers stop counting as soon as they pass it.
+MAX_RULES = 20_000
+
 # istio-iptables' own limit: the included groups become the matches of a single rule.
 MAX_OWNER_GROUPS_INCLUDE = 64
