@@ -29,7 +29,7 @@ NODES = {"node-1", "node-2"}
 EXPECTED_PODS = sum(replicas for _, replicas in workload.SOURCES)
 INITIALIZED_EVENT = re.compile(
     r"^redirect rules applied and verified: (\d+) rules in network namespace (\d+) "
-    r"\((nft|legacy) backend, [\d.]+ ms\)$"
+    r"\((?:\w+ mode, )?(nft|legacy) backend, [\d.]+ ms\)$"
 )
 
 

@@ -68,7 +68,11 @@ COMMAND_TIMEOUT = 30.0
 # Names the other test tiers give their throw-away namespaces and cgroups (ipnc_dev.netlab,
 # ipnc_dev.cgroups, the node stand-in, tests/kernel/nft_state.py): ipnc<hex6>..., ipnc-test-<hex6>,
 # ipnc-node-<hex6>, ipnc-nft-<pid>-<hex>.
-OTHER_TIERS = re.compile(r"ipnc(?:-test-|-node-)?[0-9a-f]{6}(?![0-9a-f])|ipnc-nft-[0-9]+-[0-9a-f]+")
+# What other test tiers and the benchmarks create meanwhile (not this cluster's).
+OTHER_TIERS = re.compile(
+    r"ipnc(?:-test-|-node-)?[0-9a-f]{6}(?![0-9a-f])|ipnc-nft-[0-9]+-[0-9a-f]+"
+    r"|ipnc-bench-[0-9a-f]{8}(?![0-9a-f])|ipncbench[0-9a-f]{4}-"
+)
 REAL_CLUSTER = re.compile(r"ipnc-rn-([0-9a-f]{6})(?![0-9a-f])")
 # Counters and per-boot values that change by themselves.
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
