@@ -17,12 +17,17 @@ that group, never the package, so the product runs the same with or without it.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    # importlib.metadata costs about half of the waiter's start-up: loaded only when a command
+    # outside the product's own is looked up.
+    from importlib.metadata import EntryPoint
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -53,8 +58,10 @@ class CommandUnavailable(LookupError):
     """The named subcommand is neither the product's nor installed; the message says which."""
 
 
-def _extra_commands() -> dict[str, importlib.metadata.EntryPoint]:
-    found: dict[str, importlib.metadata.EntryPoint] = {}
+def _extra_commands() -> dict[str, EntryPoint]:
+    import importlib.metadata
+
+    found: dict[str, EntryPoint] = {}
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if entry.name not in COMMANDS:
             found.setdefault(entry.name, entry)
