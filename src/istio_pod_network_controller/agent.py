@@ -416,14 +416,8 @@ class Agent:
             # waiter's IDs, so that nothing the pod can write decides whether or how it probes.
             VERIFY_KEY: record.verify,
         }
-        written = status_patch(ref, names.STATUS_INITIALIZED, detail)["metadata"]["annotations"][names.DETAIL]
-        try:
-            version = await self.reporter.set_status(ref, names.STATUS_INITIALIZED, detail)
-        except PodGone:
-            self._programmed.pop(ref.uid, None)
+        if not await self._write_mark(ref, record, detail):
             return Outcome.DONE
-        record.detail, record.mark_version, record.mark_seen = written, version, False
-        record.detail_fields, record.written_at = detail, self.clock()
         # Recorded only once marked: a patch that fails (the API server away) leaves no record,
         # so the retry programs and marks the sandbox again instead of taking it for done.
         self._programmed[ref.uid] = record
@@ -467,16 +461,9 @@ class Agent:
                     extra={**fields, "netnsInode": record.netns.inode, "nudges": record.nudges},
                 )
             return Outcome.DONE
-        detail = {**record.detail_fields, REFRESH_KEY: step.number}
-        written = status_patch(ref, names.STATUS_INITIALIZED, detail)["metadata"]["annotations"][names.DETAIL]
-        try:
-            version = await self.reporter.set_status(ref, names.STATUS_INITIALIZED, detail)
-        except PodGone:
-            self._programmed.pop(ref.uid, None)
+        if not await self._write_mark(ref, record, {**record.detail_fields, REFRESH_KEY: step.number}):
             return Outcome.DONE
-        record.detail, record.detail_fields = written, detail
-        record.mark_version, record.mark_seen = version, False
-        record.written_at, record.nudges = self.clock(), step.number
+        record.nudges = step.number
         self.metrics.refresh_nudges.inc()
         log.debug(
             "waiter still running after the mark: mark written again so that the kubelet rewrites "
@@ -484,6 +471,20 @@ class Agent:
             extra={**fields, "netnsInode": record.netns.inode, "nudge": step.number},
         )
         return Outcome.DONE
+
+    async def _write_mark(self, ref: PodRef, record: Programmed, detail: dict[str, Any]) -> bool:
+        """Patch the ``initialized`` mark with ``detail`` and note it in ``record``; False when the
+        pod is gone (its record dropped). Other API errors propagate (the caller retries)."""
+        written = status_patch(ref, names.STATUS_INITIALIZED, detail)["metadata"]["annotations"][names.DETAIL]
+        try:
+            version = await self.reporter.set_status(ref, names.STATUS_INITIALIZED, detail)
+        except PodGone:
+            self._programmed.pop(ref.uid, None)
+            return False
+        record.detail, record.detail_fields = written, detail
+        record.mark_version, record.mark_seen = version, False
+        record.written_at = self.clock()
+        return True
 
     def _drift_repaired(self, ref: PodRef, result: ApplyResult, fields: dict[str, Any]) -> None:
         what = result.replaced or "rules of ours missing"

@@ -285,7 +285,7 @@ class Applier:
                 if fam.family is Family.IPV6 and not v6_used:
                     fam.now = fam.before = tables.Owned()  # no IPv6 here: nothing of ours either
                     continue
-                raise ApplyError("read", self._gone_or(ns, done.reason()))
+                raise ApplyError("read", ns.gone_or(done.reason()))
             fam.now = fam.before = tables.owned(tables.parse_save(done.stdout))
             if fam.created is not None:
                 # A create-only attempt committed part of this family: that part was not there before.
@@ -302,7 +302,7 @@ class Applier:
         routes_written = False
         added_passthrough = False
         if not pending and not route_families and not ruleset.ipv6_passthrough_address:
-            self._check_still_there(ns)
+            ns.check_still_there()
             return False
         try:
             if ruleset.tproxy is not None:
@@ -328,7 +328,7 @@ class Applier:
             self._verify(ns, pending, ruleset, route_families)
         except NodeError as exc:
             rollback = self._rollback(ns, fams, route_before, added_passthrough)
-            reason = self._gone_or(ns, exc.reason)
+            reason = ns.gone_or(exc.reason)
             raise ApplyError(exc.step, reason + rollback) from None
         if pending and not fresh and all(f.before is not None and f.before.is_empty() for f in fams):
             # Nothing of ours in iptables mode, yet a re-check: perhaps programmed in native
@@ -391,7 +391,7 @@ class Applier:
                 # Not what a namespace without rules of ours would give: hand over to the
                 # read-first path, which sees what is there and replaces it whole.
                 return False
-        self._check_still_there(ns)
+        ns.check_still_there()
         return True
 
     def _already(self, fam: _FamilyState) -> bool:
@@ -459,16 +459,7 @@ class Applier:
             got_routes = routes.read_state(ns, family)
             if not got_routes.same_as(want_routes):
                 raise ApplyError("verify", f"{family.name} policy route is {got_routes}, want {want_routes}")
-        self._check_still_there(ns)
-
-    def _check_still_there(self, ns: Netns) -> None:
-        if not ns.still_at_path():
-            raise ApplyError("verify", f"network namespace {ns.path} vanished during apply")
-
-    def _gone_or(self, ns: Netns, reason: str) -> str:
-        if "vanished" not in reason and not ns.still_at_path():
-            return f"network namespace {ns.path} vanished during apply ({reason})"
-        return reason
+        ns.check_still_there()
 
     def _rollback(
         self,

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ..nscookie import own_netns_cookie
-from .errors import LocateError, NodeError
+from .errors import ApplyError, LocateError, NodeError
 
 NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: which kind of namespace it is
 CLONE_NEWNET = 0x40000000
@@ -161,6 +161,17 @@ class Netns:
             return netns_id_of(self.path) == self.id
         except OSError:
             return False
+
+    def check_still_there(self) -> None:
+        """Raise ApplyError ("verify") once ``path`` no longer names this namespace."""
+        if not self.still_at_path():
+            raise ApplyError("verify", f"network namespace {self.path} vanished during apply")
+
+    def gone_or(self, reason: str) -> str:
+        """``reason``, or why the apply really failed: the namespace vanished meanwhile."""
+        if "vanished" not in reason and not self.still_at_path():
+            return f"network namespace {self.path} vanished during apply ({reason})"
+        return reason
 
     def argv(self, command: Sequence[str]) -> list[str]:
         return [self._nsenter, f"--net=/proc/self/fd/{self.fileno()}", "--", *command]

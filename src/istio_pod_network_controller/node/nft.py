@@ -719,7 +719,7 @@ class NftApplier:
         route_families = self._route_families(plan, before)
         pending = not before.same_rules(want)
         if not pending and not route_families and not plan.ipv6:
-            self._check_still_there(ns)
+            ns.check_still_there()
             return False
         if pending and not before.is_empty():
             work.replaced.append(f"nftables: {describe_difference(want, before)}")
@@ -760,10 +760,10 @@ class NftApplier:
                     raise ApplyError(
                         "verify", f"{family.name} policy route is {got_routes}, want {want_routes}"
                     )
-            self._check_still_there(ns)
+            ns.check_still_there()
         except NodeError as exc:
             rollback = self._rollback(ns, nft, work)
-            raise ApplyError(exc.step, self._gone_or(ns, exc.reason) + rollback) from None
+            raise ApplyError(exc.step, ns.gone_or(exc.reason) + rollback) from None
         if pending and before.is_empty() and not fresh:
             # Nothing of ours in nftables mode, yet a re-check: perhaps programmed in iptables
             # mode before the agent's mode changed. Our tables are in place and verified; the
@@ -810,10 +810,10 @@ class NftApplier:
                     raise ApplyError("nft", done.reason())
                 self._step("verify", ns)
                 self._verify(nft, want)
-            self._check_still_there(ns)
+            ns.check_still_there()
         except NodeError as exc:
             rollback = self._rollback(ns, nft, work)
-            raise ApplyError(exc.step, self._gone_or(ns, exc.reason) + rollback) from None
+            raise ApplyError(exc.step, ns.gone_or(exc.reason) + rollback) from None
         return True
 
     def _undo_create(self, nft: Session, plan: NftPlan) -> None:
@@ -835,15 +835,6 @@ class NftApplier:
         if plan.tproxy is not None:
             return [Family.IPV4, Family.IPV6] if plan.ipv6 else [Family.IPV4]
         return before.tproxy_families()
-
-    def _check_still_there(self, ns: Netns) -> None:
-        if not ns.still_at_path():
-            raise ApplyError("verify", f"network namespace {ns.path} vanished during apply")
-
-    def _gone_or(self, ns: Netns, reason: str) -> str:
-        if "vanished" not in reason and not ns.still_at_path():
-            return f"network namespace {ns.path} vanished during apply ({reason})"
-        return reason
 
     def _rollback(self, ns: Netns, nft: Session, work: _Work) -> str:
         """Put back what we owned before; "" or a note on what could not be restored."""
