@@ -39,6 +39,7 @@ from .decide import DEFAULT_EXCLUDED_NAMESPACES, decide
 from .node import locate
 from .node.apply import ApplyResult
 from .node.errors import LocateError, NodeError
+from .node.handoff import Handoffs, listen_in
 from .node.netns import Netns, NetnsId, netns_cookie, netns_id_of
 from .node.programmer import NodeApplier, Planned
 from .observe import Metrics, ReconcileResult
@@ -92,6 +93,8 @@ class AgentConfig:
     stall_seconds: float = 10.0
     # When to write a mark again while the pod's waiter still runs (see ``refresh``).
     refresh: RefreshPolicy = field(default_factory=RefreshPolicy)
+    # Hand each waiter its mark in its pod's namespace too (see ``handoff``).
+    handoff: bool = True
 
 
 Locator = Callable[[str, tuple[str, ...]], Netns]
@@ -205,6 +208,7 @@ class Agent:
         self.metrics.agent_info.labels(self.applier.mode, self.applier.backend).set(1)
         self.reporter = Reporter(self.api, self.config.node_name)
         self.events = EventRecorder(self.api, self.config.node_name, on_drop=self.metrics.event_dropped)
+        self.handoffs = Handoffs(on_result=lambda result: self.metrics.handoffs.labels(result).inc())
         self.executor = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="node")
         self.find_netns = self.locator or default_locator(self.config.proc_root)
         self.pods = Reflector(
@@ -259,7 +263,10 @@ class Agent:
             return Outcome.DONE
         namespace = namespace_facts(self.namespaces.store.get(pod.namespace))
         if not decide(pod, namespace, excluded_namespaces=self.config.excluded_namespaces).ours:
+            self.handoffs.close(uid, "gone")
             return Outcome.DONE
+        if pod.waiter_state == "terminated":
+            self.handoffs.close(uid, "waiter_done")
         if not pod.ips:
             # The kubelet reports the pod's IPs once its sandbox is up. Until then the namespace
             # cannot be checked against them, and an IPv6 address would be missed (no ip6tables
@@ -297,7 +304,7 @@ class Agent:
         """A sandbox this process has no record of: a new one (planned from the pod), or one a
         previous process marked (planned from the flags in that mark, then read back)."""
         try:
-            cookie = await self._off_loop(netns_cookie, netns)
+            cookie = await self._cookie_and_listener(pod, ref, netns)
         except NodeError as exc:
             return await self._apply_failed(pod, ref, exc, fields, netns.inode)
         marked = _marked_args(pod, netns.inode, cookie)
@@ -319,11 +326,30 @@ class Agent:
             # Intact and marked: nothing to write (unless its waiter, still running, has not been
             # shown the mark: the refresh below counts from now).
             record.detail, record.mark_seen = pod.annotations[names.DETAIL], True
+            self.handoffs.ready(ref.uid, names.STATUS_INITIALIZED, record.detail)
             record.detail_fields, record.written_at = read_detail(pod), self.clock()
             self._programmed[ref.uid] = record
             log.info("pod re-checked: rules intact", extra={**fields, "netnsInode": result.inode})
             return await self._refresh(pod, ref, record, fields)
         return await self._mark(ref, record, result, fields, announce=True)
+
+    async def _cookie_and_listener(self, pod: PodFacts, ref: PodRef, netns: Netns) -> int | None:
+        """The namespace's cookie; and, while the pod's waiter may still wait, a listener in the
+        namespace to hand it the mark (see ``handoff``), made by the same trip into it. Raises
+        NodeError when the namespace cannot be entered."""
+        kept = self.handoffs.listening(ref.uid, netns.id)
+        if kept is not None:
+            return kept[0]  # a retry: the listener made for this namespace is still there
+        if not self.config.handoff or pod.waiter_state == "terminated" or not self.handoffs.room():
+            return await self._off_loop(netns_cookie, netns)
+        opened = await self._off_loop(listen_in, netns)
+        if opened.listener is None:
+            log.info(
+                "no hand-off for this pod: the mark goes by its annotations only",
+                extra={"pod": f"{ref.namespace}/{ref.name}", "uid": ref.uid, "reason": opened.why},
+            )
+        self.handoffs.open(ref.uid, netns.id, opened)
+        return opened.cookie
 
     async def _plan(
         self, pod: PodFacts, namespace: NamespaceFacts | None, marked: tuple[str, ...] | None
@@ -476,6 +502,9 @@ class Agent:
         """Patch the ``initialized`` mark with ``detail`` and note it in ``record``; False when the
         pod is gone (its record dropped). Other API errors propagate (the caller retries)."""
         written = status_patch(ref, names.STATUS_INITIALIZED, detail)["metadata"]["annotations"][names.DETAIL]
+        # The rules are applied and verified: the waiter may have the mark now, before the patch
+        # (which stays the durable record) has gone to the API server and back through the kubelet.
+        self.handoffs.ready(ref.uid, names.STATUS_INITIALIZED, written)
         try:
             version = await self.reporter.set_status(ref, names.STATUS_INITIALIZED, detail)
         except PodGone:
@@ -500,6 +529,7 @@ class Agent:
         )
 
     def _forget(self, uid: str) -> None:
+        self.handoffs.close(uid, "gone")
         self._programmed.pop(uid, None)
         self._recheck.discard(uid)
 
@@ -674,6 +704,7 @@ class Agent:
         if self._start_task is not None and not self._start_task.done():
             self._start_task.cancel()
         await cancel_all(self._tasks)
+        self.handoffs.close_all()
         self.queue.shut_down()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._workers)

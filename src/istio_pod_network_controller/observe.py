@@ -188,6 +188,14 @@ class Metrics:
             "(the kubelet had not rewritten its downward API file)",
             registry=r,
         )
+        self.handoffs = Counter(
+            "ipnc_mark_handoffs",
+            "Listeners for the mark's hand-off in pods' network namespaces, by how they ended: "
+            "served (a waiter had the mark), unavailable (the name was taken in the pod), expired, "
+            "waiter_done (the waiter ended without it), gone (the pod went), replaced, stopped, too_big",
+            ["result"],
+            registry=r,
+        )
         self.reconcile_deadline_exceeded = Counter(
             "ipnc_reconcile_deadline_exceeded",
             "Reconciles abandoned because they took longer than their deadline",

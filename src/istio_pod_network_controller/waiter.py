@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import select
 import socket
 import struct
 import time
@@ -34,6 +35,7 @@ from typing import Any, Protocol
 
 from . import names
 from .bounded import BoundedJsonError, loads_bounded
+from .handoff import Client as HandoffClient
 from .nscookie import own_netns_cookie
 from .podinfo import PodinfoFormatError, read_annotations
 from .probe import VERIFY_KEY, PlanError, Probe, Skip, check_for, read_plan
@@ -61,6 +63,8 @@ class Waiting:
 @dataclass(frozen=True, slots=True)
 class Initialized:
     detail: Mapping[str, Any]
+    # Where the mark was seen: the downward-API file, or the agent's hand-off (see ``handoff``).
+    source: str = "file"
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +150,9 @@ def judge_mark(annotations: Mapping[str, str], netns_inode: int, netns_cookie: i
 
 
 class Watcher(Protocol):
-    def wait(self, timeout: float) -> None:
-        """Return when the watched file may have changed, or after ``timeout`` seconds."""
+    def wait(self, timeout: float, also: int | None = None) -> None:
+        """Return when the watched file may have changed, when ``also`` (a file descriptor) is
+        readable, or after ``timeout`` seconds."""
 
     def close(self) -> None: ...
 
@@ -157,8 +162,12 @@ class PollingWatcher:
         self.interval = interval
         self._sleep = sleep
 
-    def wait(self, timeout: float) -> None:
-        self._sleep(max(0.0, min(timeout, self.interval)))
+    def wait(self, timeout: float, also: int | None = None) -> None:
+        wait = max(0.0, min(timeout, self.interval))
+        if also is None:
+            self._sleep(wait)
+        else:
+            select.select([also], [], [], wait)
 
     def close(self) -> None:
         pass
@@ -190,9 +199,14 @@ class InotifyWatcher:
             self._inotify.close()
             raise
 
-    def wait(self, timeout: float) -> None:
-        wait_ms = int(max(0.0, min(timeout, self.rescan)) * 1000)
-        self._inotify.read(timeout=wait_ms)
+    def wait(self, timeout: float, also: int | None = None) -> None:
+        wait = max(0.0, min(timeout, self.rescan))
+        if also is None:
+            self._inotify.read(timeout=int(wait * 1000))
+            return
+        ready, _, _ = select.select([self._inotify.fileno(), also], [], [], wait)
+        if self._inotify.fileno() in ready:
+            self._inotify.read(timeout=0)  # drain: the events only say "look again"
 
     def close(self) -> None:
         self._inotify.close()
@@ -231,15 +245,32 @@ def wait_for_mark(
     watcher: Watcher,
     clock: Callable[[], float] = time.monotonic,
     log: Callable[[str], None] = lambda line: None,
+    handoff: HandoffClient | None = None,
 ) -> tuple[Initialized, Mapping[str, str]]:
-    """Block until the file shows our namespace initialized; returns the mark and annotations.
+    """Block until the file, or the agent's hand-off (``handoff``), shows our namespace
+    initialized; returns the mark and the annotations it was read from.
 
     Raises WaitFailed: exit 1 on the agent's error state or on timeout, 2 when the file is not
     in the kubelet's format (the kubelet never writes such a file; waiting would not help).
+    The hand-off can only let the pod go: an error or a mark for another namespace there is
+    logged and left to the file (the agent hands over ``initialized`` marks only).
     """
     deadline = clock() + timeout
     last: str = ""
+    last_handoff: str = ""
     while True:
+        if handoff is not None:
+            handed = handoff.poll()
+            if handed is not None:
+                verdict = judge_mark(handed, inode, cookie)
+                if isinstance(verdict, Initialized):
+                    return Initialized(verdict.detail, source="handoff"), handed
+                said = f"the agent's hand-off: {getattr(verdict, 'reason', verdict)}"
+            else:
+                said = f"the agent's hand-off: {handoff.last_problem}" if handoff.last_problem else ""
+            if said and said != last_handoff:
+                log(f"ignored: {said}")
+            last_handoff = said or last_handoff
         try:
             annotations = read_annotations(path)
         except FileNotFoundError:
@@ -265,7 +296,10 @@ def wait_for_mark(
                 f"for network namespace {inode} in {path} (last seen: {seen})",
                 1,
             )
-        watcher.wait(remaining)
+        if handoff is None:
+            watcher.wait(remaining)
+        else:
+            watcher.wait(min(remaining, handoff.due_in()), also=handoff.fileno())
 
 
 # -- proving the redirect --------------------------------------------------------------------
@@ -366,6 +400,7 @@ class Options:
     verify: bool = False
     verify_timeout: float = DEFAULT_VERIFY_TIMEOUT
     netns_path: str = NETNS_PATH
+    handoff: bool = True  # also take the mark from the agent in this namespace (see ``handoff``)
 
 
 def run(
@@ -390,16 +425,27 @@ def run(
     )
     own_watcher = watcher is None
     active = watcher or make_watcher(options.file, log=log)
+    # Only in our own namespace: the hand-off's name is that namespace's (see ``handoff``).
+    client = HandoffClient() if options.handoff and options.netns_path == NETNS_PATH else None
     try:
         mark, _ = wait_for_mark(
-            options.file, inode=inode, cookie=cookie, timeout=options.timeout, watcher=active, log=log
+            options.file,
+            inode=inode,
+            cookie=cookie,
+            timeout=options.timeout,
+            watcher=active,
+            log=log,
+            handoff=client,
         )
     except WaitFailed as exc:
         return exc.exit_code, str(exc)
     finally:
         if own_watcher:
             active.close()
-    line = f"pod initialized for network namespace {inode}" + _applied(mark.detail)
+        if client is not None:
+            client.close()
+    how = "handed over by the agent" if mark.source == "handoff" else f"read from {options.file}"
+    line = f"pod initialized for network namespace {inode}, mark {how}" + _applied(mark.detail)
     if not options.verify:
         return 0, line
     check = planned_check(mark.detail, uid=os.getuid() if uid is None else uid,

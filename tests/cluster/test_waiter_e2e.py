@@ -211,6 +211,7 @@ def test_the_waiter_holds_the_pod_until_the_agent_has_programmed_it_then_traffic
     last = node.logs(view.uid, W).strip().splitlines()[-1]
     assert last.startswith(
         f"istio-pod-network-controller init: pod initialized for network namespace {view.netns_inode}"
+        ", mark handed over by the agent"  # inside the pod's namespace, before the kubelet's file
     )
     assert last.endswith("outbound redirect proven: 192.0.2.1:80 reached the proxy port 15001"), last
 

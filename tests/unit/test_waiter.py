@@ -107,7 +107,7 @@ class ScriptedWatcher:
     def __init__(self, folder: Path, steps: list[dict[str, str] | None], clock: list[float]) -> None:
         self.folder, self.steps, self.clock, self.waits = folder, steps, clock, 0
 
-    def wait(self, timeout: float) -> None:
+    def wait(self, timeout: float, also: int | None = None) -> None:
         self.waits += 1
         self.clock[0] += min(timeout, 1.0)
         if self.steps:
@@ -225,8 +225,8 @@ def test_cli_prints_one_line_on_stdout_when_the_pod_may_start(tmp_path: Path) ->
     done = _cli("--file", str(path), "--timeout", "5")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == [
-        f"istio-pod-network-controller init: pod initialized for network namespace {detail['netnsInode']} "
-        "(ruleset 0123456789ab, applied 2026-01-01T00:00:00Z)"
+        f"istio-pod-network-controller init: pod initialized for network namespace {detail['netnsInode']}, "
+        f"mark read from {path} (ruleset 0123456789ab, applied 2026-01-01T00:00:00Z)"
     ]
 
 

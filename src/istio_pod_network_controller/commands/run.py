@@ -25,20 +25,23 @@ def _env(name: str, default: str) -> str:
 
 
 NATIVE_NFTABLES_ENV = "IPNC_NATIVE_NFTABLES"
+MARK_HANDOFF_ENV = "IPNC_MARK_HANDOFF"
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
-def env_flag(name: str) -> bool:
-    """A boolean environment variable; a value that is neither true nor false is refused when the
-    command line is read (see ``check_env``), and reads as false until then."""
-    return os.environ.get(name, "").strip().lower() in _TRUE
+def env_flag(name: str, default: bool = False) -> bool:
+    """A boolean environment variable (unset or empty: ``default``); a value that is neither true
+    nor false is refused when the command line is read (see ``check_env``)."""
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value in _TRUE
 
 
 def check_env() -> str | None:
     """What is wrong with the boolean environment variables, or None."""
-    value = os.environ.get(NATIVE_NFTABLES_ENV, "")
-    if value.strip().lower() not in (*_TRUE, *_FALSE):
-        return f"{NATIVE_NFTABLES_ENV}: not true or false: {value[:40]!r}"
+    for name in (NATIVE_NFTABLES_ENV, MARK_HANDOFF_ENV):
+        value = os.environ.get(name, "")
+        if value.strip().lower() not in (*_TRUE, *_FALSE):
+            return f"{name}: not true or false: {value[:40]!r}"
     return None
 
 
@@ -75,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=env_flag(NATIVE_NFTABLES_ENV),
         help="Istio's native nftables mode: tables inet istio-proxy-* written with nft, instead of "
         f"iptables (env {NATIVE_NFTABLES_ENV}=true; default off, as Istio's values.global.nativeNftables)",
+    )
+    p.add_argument(
+        "--mark-handoff",
+        action=argparse.BooleanOptionalAction,
+        default=env_flag(MARK_HANDOFF_ENV, default=True),
+        help="also hand each waiter its mark inside its pod's network namespace, an abstract unix "
+        f"socket (env {MARK_HANDOFF_ENV}; default on; off: the waiter reads the kubelet's "
+        "downward-API file only)",
     )
     p.add_argument(
         "--workers",
@@ -188,6 +199,7 @@ async def _run(args: argparse.Namespace) -> int:
         workers=args.workers,
         excluded_namespaces=excluded_namespaces(args.excluded_namespaces),
         resync_seconds=args.resync_seconds,
+        handoff=args.mark_handoff,
     )
     metrics = Metrics()
     agent = Agent(config, api, applier, metrics)

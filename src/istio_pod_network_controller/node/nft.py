@@ -443,7 +443,10 @@ class LibRunner:
             _log.warning(
                 "libnftables in %s did not finish within %gs; its thread was abandoned "
                 "(%d so far, %d still running)",
-                what, self.timeout, self.abandoned, self.stuck(),
+                what,
+                self.timeout,
+                self.abandoned,
+                self.stuck(),
             )
             raise ApplyError(
                 "nft",
