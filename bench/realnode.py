@@ -7,9 +7,10 @@ our image. The same pod, Istio's injected ``hello`` (stub sidecar, busybox appli
 resource requests so that a burst fits on two cores), goes two ways:
 
 - **ours**: into a ``restricted`` namespace opted in to the controller; the webhook swaps
-  istio-init for the waiter, the agent programs the pod's network namespace and marks the pod,
-  the kubelet rewrites the downward-API file, the waiter sees the mark, proves the redirect and
-  exits;
+  istio-init for the waiter, the agent programs the pod's network namespace, hands the mark to
+  the waiter inside that namespace (and patches it onto the pod; the kubelet rewrites the
+  downward-API file from that), the waiter takes the mark from whichever comes first, proves
+  the redirect and exits;
 - **istio-init**: into a ``privileged`` namespace that is not opted in; istio-init runs as
   injected (UID 0, NET_ADMIN, NET_RAW) with Istio's real ``istio-iptables`` (the istio-init
   image of ``scripts/build-images``) and writes the rules itself.
@@ -26,14 +27,16 @@ Each column is a point in time, as milliseconds after the pod's creation:
 - init started: containerd's ``startedAt`` of the first init container (``crictl inspect``,
   nanoseconds): the kubelet has made the sandbox and the network and started it;
 - agent mark: the agent's ``pod initialized`` log line, logged right after its mark patch
-  returned (the containerd log line's timestamp, nanoseconds); ours only;
-- waiter saw mark: the waiter's last log line (``pod initialized for network namespace ...;
-  outbound redirect proven``), written when it read the mark in the refreshed downward-API file
-  and proved the redirect (a few milliseconds); ours only;
+  returned (the containerd log line's timestamp, nanoseconds): after the hand-off, which comes
+  just before the patch; ours only;
+- waiter saw mark: the waiter's last log line (``pod initialized for network namespace ...,
+  mark handed over by the agent | read from FILE ...; outbound redirect proven``), written when
+  it had the mark and had proved the redirect (a few milliseconds); ours only;
 - init exited: containerd's ``finishedAt`` of the first init container (nanoseconds).
 
 So the breakdown of ours is kubelet start (created -> init started), agent mark (-> agent
-mark), kubelet refresh (-> waiter saw mark), waiter exit (-> init exited). The API's own
+mark), hand-off or kubelet refresh (-> waiter saw mark; negative when the hand-off beat the
+patch), waiter exit (-> init exited). The report counts how each waiter had its mark. The API's own
 timestamps (creationTimestamp, conditions, container states) have whole seconds only, too
 coarse for this. All clocks are this machine's.
 
@@ -81,6 +84,7 @@ POLL = 0.1
 POD_TIMEOUT = 180.0  # long enough to measure a pod the kubelet refreshes only at its next sync
 GONE_TIMEOUT = 180.0
 WAITER_SAW_MARK = "pod initialized for network namespace"  # the waiter's exit line
+HANDED_OVER = "mark handed over by the agent"  # in that line, when the hand-off brought the mark
 SETTLE = 2.0
 GOAL_P50_MS = 100.0
 GOAL_MAX_MS = 5000.0
@@ -111,6 +115,7 @@ class Sample:
     init_exited: float | None = None
     exit_code: int | None = None
     container_id: str = ""
+    handed_over: bool | None = None  # ours: the mark came by the hand-off (False: by the file)
 
     def offset_ms(self, point: str) -> float | None:
         at = getattr(self, point.replace(" ", "_"))
@@ -329,8 +334,9 @@ class Runner:
             sample.exit_code = status.get("exitCode")
             if sample.path == OURS:
                 sample.agent_mark = marks.get(f"{NAMESPACES[OURS]}/{sample.name}")
-                proven = [at for at, text in self.log_lines(status) if WAITER_SAW_MARK in text]
-                sample.waiter_saw_mark = proven[0] if proven else None
+                proven = [(at, text) for at, text in self.log_lines(status) if WAITER_SAW_MARK in text]
+                sample.waiter_saw_mark = proven[0][0] if proven else None
+                sample.handed_over = HANDED_OVER in proven[0][1] if proven else None
         self.samples += self.pending
         self.pending = []
 
@@ -446,6 +452,11 @@ def report(
             chosen = [s for s in samples if s.mode == mode and s.path == path]
             parts = ", ".join(f"{k} {v:.0f}" for k, v in steps(chosen, path).items())
             print(f"{mode}, {path}: p50 of each step (ms): {parts}")
+    for mode in summary:
+        ours = [s for s in samples if s.mode == mode and s.path == OURS]
+        handed = sum(1 for s in ours if s.handed_over)
+        by_file = sum(1 for s in ours if s.handed_over is False)
+        print(f"{mode}, ours: {handed} waiters had the mark handed over, {by_file} read it from the file")
     for mode, v in result.items():
         p50_goal = "met" if v["p50_goal_met"] else "NOT met"
         max_goal = "met" if v["max_goal_met"] else "NOT met"
