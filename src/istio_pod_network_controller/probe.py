@@ -10,19 +10,21 @@ address on a port other than the proxy's, so even a forged plan cannot make a co
 was not redirected look like one that was.
 
 Pure: no I/O. The spec is only read through its attributes, so the waiter, which imports this
-module to read plans, starts without loading the spec layer.
+module to read plans, starts without loading the spec layer; nor does it load ``ipaddress`` or
+``dataclasses`` (the agent's planning imports the one; the records are NamedTuples): each is a
+few milliseconds of every meshed pod's start.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .podfacts import AnyPod, is_id, pod_facts
 
 if TYPE_CHECKING:
+    import ipaddress
+
     from .spec import RedirectSpec
 
 # Reserved documentation addresses (RFC 5737): nothing real answers there, and a pod's rules
@@ -36,15 +38,13 @@ UID, GID, ADDRESS, PORT, PROXY_PORT, SKIP = "uid", "gid", "address", "port", "pr
 MAX_REASON = 1000  # characters of a skip reason the waiter repeats
 
 
-@dataclass(frozen=True, slots=True)
-class Probe:
+class Probe(NamedTuple):
     address: str
     port: int
     proxy_port: int
 
 
-@dataclass(frozen=True, slots=True)
-class Skip:
+class Skip(NamedTuple):
     reason: str
 
 
@@ -86,6 +86,8 @@ def plan_verify(spec: RedirectSpec, *, uid: int, gid: int) -> Check:
             "the rules exclude interfaces " + ",".join(spec.exclude_interfaces)
             + ": which one a test connection leaves by cannot be told from the spec"
         )  # fmt: skip
+    import ipaddress  # the agent's side only (see the module's docstring)
+
     named = [g for g in spec.owner_groups.values if not g.isdigit()]
     if named:
         return Skip(f"the rules select owner groups by name ({','.join(named)}): not resolvable here")
@@ -147,8 +149,7 @@ class PlanError(ValueError):
     """The plan is not one the agent writes; the message is one line."""
 
 
-@dataclass(frozen=True, slots=True)
-class VerifyPlan:
+class VerifyPlan(NamedTuple):
     uid: int | None
     gid: int | None
     check: Check

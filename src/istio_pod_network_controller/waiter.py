@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import errno
 import os
-import secrets
 import select
 import socket
 import struct
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from . import names
 from .bounded import BoundedJsonError, loads_bounded
@@ -51,25 +49,52 @@ TOKEN_BYTES = 16
 
 
 # -- what the annotations say ----------------------------------------------------------------
+# (Plain classes, not dataclasses: ``dataclasses`` costs every pod's start ~9 ms of imports.)
 
 
-@dataclass(frozen=True, slots=True)
-class Waiting:
+class _Value:
+    """Equal to a value of the same class with the same fields; immutable by convention."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and isinstance(other, _Value) and other._fields() == self._fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), *map(repr, self._fields())))
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{n}={v!r}" for n, v in zip(self.__slots__, self._fields(), strict=True))
+        return f"{type(self).__name__}({inner})"
+
+
+class Waiting(_Value):
     """Not there yet; ``reason`` says what was seen instead (for the timeout line)."""
 
-    reason: str
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Initialized:
-    detail: Mapping[str, Any]
-    # Where the mark was seen: the downward-API file, or the agent's hand-off (see ``handoff``).
-    source: str = "file"
+class Initialized(_Value):
+    """The mark for this namespace; ``source`` is where it was seen: the downward-API file
+    (``file``) or the agent's hand-off (``handoff``)."""
+
+    __slots__ = ("detail", "source")
+
+    def __init__(self, detail: Mapping[str, Any], source: str = "file") -> None:
+        self.detail, self.source = detail, source
 
 
-@dataclass(frozen=True, slots=True)
-class AgentFailed:
-    reason: str
+class AgentFailed(_Value):
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 Verdict = Waiting | Initialized | AgentFailed
@@ -212,6 +237,26 @@ class InotifyWatcher:
         self._inotify.close()
 
 
+class LazyWatcher:
+    """Makes the real watcher at the first wait and returns at once: the caller reads again with
+    the watch in place, so a change between its first read and the watch is not missed. A waiter
+    whose mark is there at its first look never loads inotify (some ms of the pod's start)."""
+
+    def __init__(self, make: Callable[[], Watcher]) -> None:
+        self._make = make
+        self._real: Watcher | None = None
+
+    def wait(self, timeout: float, also: int | None = None) -> None:
+        if self._real is None:
+            self._real = self._make()
+            return
+        self._real.wait(timeout, also)
+
+    def close(self) -> None:
+        if self._real is not None:
+            self._real.close()
+
+
 def make_watcher(path: str, *, log: Callable[[str], None]) -> Watcher:
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -328,7 +373,7 @@ def prove_redirect(probe: Probe, *, timeout: float = DEFAULT_VERIFY_TIMEOUT) -> 
     """Listen on the proxy port, connect to the probe address, and require our token and the
     original destination back. Returns a summary; raises WaitFailed (exit 1)."""
     target = f"{probe.address}:{probe.port}"
-    token = secrets.token_hex(TOKEN_BYTES).encode()
+    token = os.urandom(TOKEN_BYTES).hex().encode()  # as secrets.token_hex, without its imports
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -393,8 +438,7 @@ def prove_redirect(probe: Probe, *, timeout: float = DEFAULT_VERIFY_TIMEOUT) -> 
 # -- the whole run ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Options:
+class Options(NamedTuple):
     file: str = names.ANNOTATIONS_FILE
     timeout: float = DEFAULT_TIMEOUT
     verify: bool = False
@@ -424,7 +468,7 @@ def run(
         f"for network namespace {inode} (reading {options.file})"
     )
     own_watcher = watcher is None
-    active = watcher or make_watcher(options.file, log=log)
+    active = watcher or LazyWatcher(lambda: make_watcher(options.file, log=log))
     # Only in our own namespace: the hand-off's name is that namespace's (see ``handoff``).
     client = HandoffClient() if options.handoff and options.netns_path == NETNS_PATH else None
     try:
