@@ -172,6 +172,10 @@ class Programmed:
             return False
 
 
+def _ms_since(began: float) -> float:
+    return round((time.monotonic() - began) * 1000, 1)
+
+
 def _marked_args(pod: PodFacts, inode: int, cookie: int | None) -> tuple[str, ...] | None:
     """The flags of an ``initialized`` mark for this very namespace, if the pod carries one:
     where a previous agent process left the sandbox's rules. Only a hint of what to re-check,
@@ -275,15 +279,17 @@ class Agent:
         recheck = uid in self._recheck
         self._recheck.discard(uid)
         ref = PodRef.of(pod)
-        fields = {"pod": f"{ref.namespace}/{ref.name}", "uid": uid}
+        fields: dict[str, Any] = {"pod": f"{ref.namespace}/{ref.name}", "uid": uid}
         record = self._programmed.get(uid)
         if record is not None and record.same_sandbox(pod.ips):
             # Programmed by this process: the rules belong to this sandbox whatever the pod's
             # annotations say now. Read back only when a re-check is due.
             return await self._keep(pod, ref, record, recheck=recheck, fields=fields)
         self._programmed.pop(uid, None)
+        began = time.monotonic()
         try:
             netns = await self._off_loop(self.find_netns, uid, pod.ips)
+            fields["locateMs"] = _ms_since(began)
         except LocateError as exc:
             log.info("network namespace not there yet", extra={**fields, "reason": exc.reason})
             self.metrics.errors.labels("netns_not_found").inc()
@@ -303,6 +309,7 @@ class Agent:
     ) -> Outcome | After:
         """A sandbox this process has no record of: a new one (planned from the pod), or one a
         previous process marked (planned from the flags in that mark, then read back)."""
+        began = time.monotonic()
         try:
             cookie = await self._cookie_and_listener(pod, ref, netns)
         except NodeError as exc:
@@ -310,6 +317,7 @@ class Agent:
         marked = _marked_args(pod, netns.inode, cookie)
         try:
             plan = await self._plan(pod, namespace, marked)
+            fields["prepareMs"] = _ms_since(began)  # cookie, hand-off listener, rules planned
         except SpecError as exc:
             await self._report_error(pod, ref, "InvalidConfiguration", str(exc), fields)
             return Outcome.DONE  # no retry until the pod changes
@@ -442,8 +450,10 @@ class Agent:
             # waiter's IDs, so that nothing the pod can write decides whether or how it probes.
             VERIFY_KEY: record.verify,
         }
+        began = time.monotonic()
         if not await self._write_mark(ref, record, detail):
             return Outcome.DONE
+        fields = {**fields, "patchMs": _ms_since(began)}
         # Recorded only once marked: a patch that fails (the API server away) leaves no record,
         # so the retry programs and marks the sandbox again instead of taking it for done.
         self._programmed[ref.uid] = record
