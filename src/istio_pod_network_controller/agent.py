@@ -348,7 +348,8 @@ class Agent:
         kept = self.handoffs.listening(ref.uid, netns.id)
         if kept is not None:
             return kept[0]  # a retry: the listener made for this namespace is still there
-        if not self.config.handoff or pod.waiter_state == "terminated" or not self.handoffs.room():
+        skip = pod.waiter_state == "terminated" or self.handoffs.refused(ref.uid, netns.id)
+        if not self.config.handoff or skip or not self.handoffs.room():
             return await self._off_loop(netns_cookie, netns)
         opened = await self._off_loop(listen_in, netns)
         if opened.listener is None:
@@ -714,10 +715,10 @@ class Agent:
         if self._start_task is not None and not self._start_task.done():
             self._start_task.cancel()
         await cancel_all(self._tasks)
-        self.handoffs.close_all()
         self.queue.shut_down()
         with contextlib.suppress(Exception):
             await asyncio.gather(*self._workers)
+        self.handoffs.close_all()  # after the workers: none opens one behind it
         await self.events.stop(timeout=5)
         # Threads still in a node call finish on their own; waiting for them here would block
         # the loop (and the signal handling) for as long as they take.

@@ -223,6 +223,10 @@ def test_the_waiter_holds_the_pod_until_the_agent_has_programmed_it_then_traffic
     assert json.loads(annotations[names.IPTABLES_ARGS]) == istio_init_args
     assert detail["rulesetSha256"] == rules_sha256(istio_init_args)
 
+    # The listener of the hand-off closed once the kubelet reported the waiter done, counted served.
+    served = 'ipnc_mark_handoffs_total{result="served"} 1.0'
+    eventually("the hand-off counted served", lambda: served in agent.get("/metrics")[1])
+
     # Real traffic from the application reaches the proxy with its original destination.
     answer = node.app_request(view.uid, "hello", ELSEWHERE, 80)
     assert answer["ok"], answer

@@ -212,3 +212,91 @@ def test_no_more_listeners_than_the_bound_and_all_closed_on_stop() -> None:
 
     run(scenario())
     assert sorted(results) == ["replaced", "stopped", "stopped"]
+
+
+def test_closing_a_listener_under_its_accept_leaves_the_loop_able_to_use_its_fd_number() -> None:
+    """The cancelled accept's reader is removed before the socket is closed: the next socket,
+    which gets the same fd number, is woken when its data comes."""
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        handoffs = Handoffs()
+        handoffs.open("uid", NETNS, opened_at(address()))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the accept is waiting
+        handoffs.close("uid", "gone")
+        a, b = socket.socketpair()
+        with a, b:
+            a.setblocking(False)
+            reader = asyncio.ensure_future(loop.sock_recv(a, 1))
+            await asyncio.sleep(0.05)
+            b.send(b"x")
+            return await asyncio.wait_for(reader, 5.0)
+
+    assert asyncio.run(scenario()) == b"x"
+
+
+def test_a_listener_that_took_every_connection_no_longer_vouches_for_its_cookie() -> None:
+    at = address()
+
+    async def scenario() -> None:
+        handoffs = Handoffs()
+        handoffs.open("uid", NETNS, opened_at(at))
+        held = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(MAX_CONNECTIONS)]
+        for sock in held:
+            sock.setblocking(False)
+            sock.connect(at)
+        for _ in range(100):
+            if handoffs.listening("uid", NETNS) is None:
+                break
+            await asyncio.sleep(0.01)
+        # Closed: the namespace is no longer held by it, a new one could have its inode number.
+        assert handoffs.listening("uid", NETNS) is None
+        assert len(handoffs) == 1  # the held connections still get the mark
+        for sock in held:
+            sock.close()
+        handoffs.close_all()
+
+    run(scenario())
+
+
+def test_a_mark_too_big_to_hand_over_closes_the_listener() -> None:
+    results: list[str] = []
+
+    async def scenario() -> None:
+        handoffs = Handoffs(on_result=results.append)
+        handoffs.open("uid", NETNS, opened_at(address()))
+        assert not handoffs.ready("uid", "initialized", "x" * MAX_PAYLOAD_BYTES)
+        assert len(handoffs) == 0
+
+    run(scenario())
+    assert results == ["too_big"]
+
+
+def test_a_name_refused_is_remembered_for_its_namespace_until_the_pod_goes() -> None:
+    results: list[str] = []
+
+    async def scenario() -> None:
+        handoffs = Handoffs(on_result=results.append)
+        handoffs.open("uid", NETNS, Opened(None, 7, "cannot listen: Address already in use"))
+        assert handoffs.refused("uid", NETNS) and not handoffs.refused("uid", NetnsId(4, 1))
+        handoffs.close("uid", "gone")
+        assert not handoffs.refused("uid", NETNS)
+
+    run(scenario())
+    assert results == ["unavailable"]
+
+
+def test_after_stop_no_listener_is_opened() -> None:
+    at = address()
+
+    async def scenario() -> None:
+        handoffs = Handoffs()
+        handoffs.close_all()
+        assert not handoffs.room()
+        opened = opened_at(at)
+        handoffs.open("uid", NETNS, opened)  # a worker that was in the namespace meanwhile
+        assert len(handoffs) == 0
+        assert opened.listener is not None and opened.listener.fileno() < 0
+
+    run(scenario())

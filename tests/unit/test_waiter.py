@@ -544,3 +544,44 @@ def test_cli_with_a_deeply_nested_detail_ends_in_one_line_without_a_traceback(tm
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and "RecursionError" not in done.stderr
     assert "is nested 60000 levels deep" in done.stderr.splitlines()[-1]
+
+
+# -- the watch made only when needed ----------------------------------------------------------
+
+
+def test_a_waiter_whose_mark_is_there_at_first_look_makes_no_watch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from istio_pod_network_controller import waiter
+
+    made: list[str] = []
+    monkeypatch.setattr(waiter, "make_watcher", lambda path, *, log: made.append(path) or PollingWatcher())
+    detail = {"netnsInode": netns_inode(), "rulesetSha256": "ab" * 32}
+    path = write_podinfo(tmp_path, {names.STATUS: "initialized", names.DETAIL: json.dumps(detail)})
+    code, line = run(Options(file=str(path), timeout=5, handoff=False), log=lambda _: None)
+    assert code == 0, line
+    assert made == []
+
+
+def test_the_watch_is_made_at_the_first_wait_and_the_file_read_again_at_once(tmp_path: Path) -> None:
+    from istio_pod_network_controller.waiter import LazyWatcher
+
+    class Recording(PollingWatcher):
+        def __init__(self) -> None:
+            super().__init__(sleep=lambda seconds: waits.append(seconds))
+            self.closed = False
+
+        def close(self) -> None:
+            self.closed = True
+
+    waits: list[float] = []
+    made: list[Recording] = []
+    lazy = LazyWatcher(lambda: made.append(Recording()) or made[-1])
+    lazy.wait(10.0)  # makes the watch, does not wait: the caller reads the file again
+    assert len(made) == 1 and waits == []
+    lazy.wait(10.0)
+    assert len(made) == 1 and waits == [pytest.approx(0.05)]
+    lazy.close()
+    assert made[0].closed
+    LazyWatcher(lambda: made.append(Recording()) or made[-1]).close()  # never made: nothing to close
+    assert len(made) == 1

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..handoff import ADDRESS, encode
+from ..handoff import ADDRESS, HandoffError, encode
 from ..nscookie import SO_NETNS_COOKIE
 from .errors import NodeError
 from .netns import CLONE_NEWNET, Netns, NetnsId
@@ -120,6 +120,10 @@ class Handoffs:
         self._on_result = on_result
         self._clock = clock
         self._pending: dict[str, _Pending] = {}
+        # Pods whose namespace refused the name (taken inside it): not asked again for that
+        # namespace, nor counted again, on every retry.
+        self._refused: dict[str, NetnsId] = {}
+        self._stopped = False
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -128,18 +132,28 @@ class Handoffs:
         """For a listener of ``uid``'s in ``netns``: its namespace's cookie, read when it was made
         (in a 1-tuple: None is a kernel without cookies); None when there is no such listener."""
         pending = self._pending.get(uid)
-        if pending is None or pending.netns != netns:
+        if pending is None or pending.netns != netns or pending.listener.fileno() < 0:
+            # A listener closed (every connection it takes taken) no longer holds its namespace:
+            # a new one may have its inode number, so the cookie read then may not be its own.
             return None
         return (pending.cookie,)
 
+    def refused(self, uid: str, netns: NetnsId) -> bool:
+        """``uid``'s namespace ``netns`` refused the name already (see ``open``)."""
+        return self._refused.get(uid) == netns
+
     def room(self) -> bool:
-        return len(self._pending) < self.max_pods
+        return not self._stopped and len(self._pending) < self.max_pods
 
     def open(self, uid: str, netns: NetnsId, opened: Opened) -> None:
         """Serve ``opened.listener`` for ``uid`` (replacing any earlier listener of the pod's)."""
         self.close(uid, "replaced")
         if opened.listener is None:
+            self._refused[uid] = netns
             self._on_result("unavailable")
+            return
+        if self._stopped:  # a worker that entered the namespace while the agent stopped
+            opened.listener.close()
             return
         loop = asyncio.get_running_loop()
         pending = _Pending(netns, opened.cookie, opened.listener, loop.create_future(), self._clock())
@@ -156,17 +170,23 @@ class Handoffs:
             return False
         try:
             pending.mark.set_result(encode(status, detail))
-        except ValueError:  # HandoffError: too big to hand over; the file will show it
+        except HandoffError:  # too big to hand over; the file will show it
             self.close(uid, "too_big")
             return False
         return True
 
     def close(self, uid: str, result: str) -> None:
+        self._refused.pop(uid, None)
         pending = self._pending.pop(uid, None)
         if pending is None:
             return
         for task in list(pending.tasks):
             task.cancel()
+        fd = pending.listener.fileno()
+        if fd >= 0:
+            # The cancelled accept's reader goes first: closed under it, the fd number would be
+            # given to the next socket while the loop still waits on it as the listener.
+            asyncio.get_running_loop().remove_reader(fd)
         pending.listener.close()
         if not pending.mark.done():
             pending.mark.cancel()
@@ -174,8 +194,11 @@ class Handoffs:
         self._on_result("served" if pending.served else result)
 
     def close_all(self) -> None:
+        """Every listener closed, and none opened any more."""
+        self._stopped = True
         for uid in list(self._pending):
             self.close(uid, "stopped")
+        self._refused.clear()
 
     async def _serve(self, uid: str, pending: _Pending) -> None:
         loop = asyncio.get_running_loop()
