@@ -436,7 +436,7 @@ def machine() -> dict[str, Any]:
 
 def report(
     samples: Sequence[Sample], *, pods: int, burst: int, started: datetime, seconds: float, load_before: str,
-    host_changed: str = "",
+    host_changed: str = "", chart_values: Mapping[str, str] | None = None,
 ) -> None:  # fmt: skip
     """The table, the steps, the verdict, and the JSON line last."""
     summary = summarize(samples)
@@ -444,6 +444,8 @@ def report(
         f"real-node benchmark, {started:%Y-%m-%d %H:%M} UTC: pod created -> first init container exited, "
         f"{pods} pods of each path sequentially and in bursts of {burst}, one node"
     )
+    if chart_values:
+        print(f"chart values set: {', '.join(f'{k}={v}' for k, v in chart_values.items())}")
     for line in table(summary):
         print(line)
     result = verdict(summary, samples)
@@ -477,6 +479,7 @@ def report(
         "steps_p50": {m: {p: steps([s for s in samples if s.mode == m and s.path == p], p) for p in PATHS}
                       for m in summary},
         "failed_first_runs": [asdict(s) for s in failed], "host_changed": host_changed,
+        "chart_values": dict(chart_values or {}),
     }))  # fmt: skip
 
 
@@ -486,7 +489,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--burst", type=int, default=20, help="pods created at once in the burst mode (default 20)"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="a chart value for the install (repeatable), e.g. agent.resources.requests.cpu=100m",
+    )  # fmt: skip
+    parser.add_argument("--skip-sequential", action="store_true", help="bursts only")
     args = parser.parse_args(argv)
+    chart_values: dict[str, str] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set wants KEY=VALUE, got {item!r}")
+        chart_values[key] = value
     if args.pods < 1 or args.burst < 1:
         parser.error("--pods and --burst must be at least 1")
     if os.geteuid() != 0:
@@ -507,7 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with RealCluster(nodes=1, image_archives=archives) as cluster:
             assert cluster.images is not None
-            install.install(cluster)
+            install.install(cluster, values=chart_values)
+            if chart_values:
+                say(f"chart values: {chart_values}")
             with cluster.client() as client:
                 prepare(cluster, client)
                 runner = Runner(cluster, client, pod_bodies(cluster.images))
@@ -517,7 +533,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runner.pending = []
                 runner.clean()
                 say(f"cluster ready in {time.monotonic() - t0:.0f} s; measuring")
-                runner.sequential(args.pods)
+                if not args.skip_sequential:
+                    runner.sequential(args.pods)
                 runner.bursts(args.pods, args.burst)
     except HostChanged as exc:
         host_changed = str(exc)  # the figures stand; the run still fails (below)
@@ -530,7 +547,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     samples = runner.samples
     report(
         samples, pods=args.pods, burst=args.burst, started=started, seconds=time.monotonic() - t0,
-        load_before=load_before, host_changed=host_changed,
+        load_before=load_before, host_changed=host_changed, chart_values=chart_values,
     )  # fmt: skip
     if host_changed or failure:
         print(f"bench/realnode.py: {host_changed or failure}", file=sys.stderr)
