@@ -66,6 +66,7 @@ from .scenario import (
     SERVICE_PORT,
     SERVICES,
     W,
+    application_pod,
     init_names,
     intercepted,
     is_mutated,
@@ -78,6 +79,7 @@ from .summary import HopRecord, PodRecord, Summary, print_summary, write_json
 if TYPE_CHECKING:  # imported when used: `--help` and the prerequisite check stay light
     from ..agentproc import AgentProcess
     from ..controlplane import ControlPlane
+    from ..istiod import Istiod
     from ..standin import NodeStandIn
     from ..webhookproc import WebhookProcess
 
@@ -92,6 +94,8 @@ SYSTEM_TOOLS = (
     "iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore",
 )  # fmt: skip
 TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# How long the demo waits for Istio's charts and istiod (its own readiness wait is 90 s).
+ISTIOD_START_LIMIT = 150.0
 
 
 class DemoError(RuntimeError):
@@ -182,6 +186,12 @@ class Demo:
         self.chart_objects: list[dict[str, Any]] = []
         self.service_ips: dict[str, str] = {}
         self.pods: dict[str, PodRecord] = {}  # by pod name
+        # Istio's own injector, when scripts/build-istio has built istiod (else None: the pods are
+        # created as Istio's saved injection output has them).
+        self.istiod: Istiod | None = None
+        self._istiod_start: Future[Istiod | None] | None = None
+        self._istiod_pool: ThreadPoolExecutor | None = None
+        self._istiod_lines: list[str] = []
 
     @property
     def cp(self) -> ControlPlane:
@@ -222,8 +232,10 @@ class Demo:
             "their iptables written by the node agent instead of istio-init"
         )
         self._start_cluster()
+        self._start_istiod()
         self._install_controller()
         self._start_nodes_and_components()
+        self._wait_for_istiod()
         self._prepare_namespace()
         self._register_webhook()
         self.summary.setup_seconds = time.monotonic() - t0
@@ -271,6 +283,60 @@ class Demo:
                 )
         self.client = self.cp.client()
         self.stack.callback(self.client.close)
+
+    # -- Istio's injector ------------------------------------------------------------------------
+
+    def _start_istiod(self) -> None:
+        """Install Istio's charts and start istiod (when built) in the background: it takes a
+        few seconds, which the controller's start overlaps."""
+        from .. import istiod
+
+        pool = self._istiod_pool = ThreadPoolExecutor(1, thread_name_prefix="istiod")
+        self._istiod_start = pool.submit(istiod.start_if_built, self.cp, log=self._istiod_lines.append)
+        # Registered before the later parts' callbacks, so run after them, and before the control
+        # plane's: whatever the start came to (even after a Ctrl-C), istiod is stopped.
+        self.stack.callback(self._stop_istiod)
+
+    def _stop_istiod(self) -> None:
+        start, pool = self._istiod_start, self._istiod_pool
+        if start is not None:
+            with contextlib.suppress(Exception):
+                found = start.result(timeout=ISTIOD_START_LIMIT)
+                self.istiod = self.istiod or found
+        if self.istiod is not None:
+            self.istiod.stop()
+        if pool is not None:
+            pool.shutdown(wait=False)
+
+    def _wait_for_istiod(self) -> None:
+        with self.step("Istio's injection: istiod with Istio's charts, when built") as out:
+            assert self._istiod_start is not None
+            try:
+                self.istiod = self._istiod_start.result(timeout=ISTIOD_START_LIMIT)
+            except Exception as exc:
+                raise DemoError(f"istiod did not start: {_tail(str(exc), 3)}") from None
+            line = self._istiod_lines[-1] if self._istiod_lines else "Istio injection: unknown"
+            out["text"] = line
+            if self.istiod is not None:
+                popen = self.istiod.popen
+                self.summary.resources.add_pid(popen.pid if popen is not None else None)
+                self.summary.injection = f"istiod {self.istiod.build.version}"
+                out["details"] = [
+                    f"istiod listens on {self.istiod.address}; the API server calls its injector "
+                    "through the chart's MutatingWebhookConfiguration, then ours (named after it)"
+                ]
+            else:
+                self.summary.injection = "saved"
+
+    @property
+    def real_injection(self) -> bool:
+        return self.istiod is not None
+
+    def _pod(self, service: str, node: str) -> dict[str, Any]:
+        """The sample pod to create: un-injected for istiod's injector, else as Istio's saved
+        injection output has it."""
+        make = application_pod if self.real_injection else sample_pod
+        return make(service, DEMO_NAMESPACE, node)
 
     def _chart_object(self, kind: str, suffix: str = "") -> dict[str, Any]:
         for obj in self.chart_objects:
@@ -396,7 +462,8 @@ class Demo:
         from lightkube import codecs
 
         with self.step(f"creating namespace {DEMO_NAMESPACE}") as out:
-            docs = namespace_objects(self._ca_pem())
+            # istiod publishes its own CA in every namespace; without it, the control plane's stands in.
+            docs = namespace_objects(None if self.real_injection else self._ca_pem())
             for doc in docs:
                 created = self.client.create(codecs.from_dict(doc))
                 if doc["kind"] == "Service":
@@ -410,7 +477,7 @@ class Demo:
             ]
         # The point of it all, before the controller's webhook is in the path: Istio's pod is refused.
         with self.step("without the controller: a server-side dry run of Istio's pod") as out:
-            pod = sample_pod(SERVICES[0], DEMO_NAMESPACE, PLACEMENT[SERVICES[0]])
+            pod = self._pod(SERVICES[0], PLACEMENT[SERVICES[0]])
             refusal = self._dry_run(pod)
             if refusal:
                 out["text"] = (
@@ -453,11 +520,17 @@ class Demo:
 
             self._apply([config])
             # The API server picks the configuration up asynchronously: create unscheduled probe
-            # pods until one comes back mutated (no stand-in runs a pod without a node).
+            # pods until one comes back mutated (no stand-in runs a pod without a node). With
+            # istiod's injector in the path, PodSecurity refuses them until ours is called too.
             deadline = time.monotonic() + 20
+            last = ""
             for attempt in range(1, 1000):
-                probe = webhook_probe_pod(attempt)
-                created = self.client.create(Pod.from_dict(probe)).to_dict()
+                probe = webhook_probe_pod(attempt, sidecar=not self.real_injection)
+                created: dict[str, Any] = {}
+                try:
+                    created = self.client.create(Pod.from_dict(probe)).to_dict()
+                except ApiError as exc:
+                    last = str(exc.status.message or exc)
                 with contextlib.suppress(ApiError):
                     self.client.delete(
                         Pod, probe["metadata"]["name"], namespace=DEMO_NAMESPACE, grace_period=0
@@ -465,7 +538,7 @@ class Demo:
                 if W in init_names(created):
                     break
                 if time.monotonic() > deadline:
-                    raise DemoError("the API server did not call the webhook within 20 s")
+                    raise DemoError(f"the API server did not call the webhook within 20 s {last}".strip())
                 time.sleep(0.1)
             entries = ", ".join(h["name"] for h in config["webhooks"])
             out["text"] = f"webhook configuration {config['metadata']['name']} in effect ({entries})"
@@ -480,13 +553,16 @@ class Demo:
         from lightkube import ApiError
         from lightkube.resources.core_v1 import Pod
 
-        self.display.line(
-            f"[bold]deploying[/bold] {' → '.join(SERVICES)}: pods as istiod injects them, istio-init included"
+        how = (
+            "created un-injected; istiod's injector adds istio-init and istio-proxy, then our webhook"
+            if self.real_injection
+            else "pods as istiod injects them (Istio's saved injection output), istio-init included"
         )
+        self.display.line(f"[bold]deploying[/bold] {' → '.join(SERVICES)}: {how}")
         self.display.begin("waiting for the pods to be programmed and to start")
         for service in SERVICES:
             record = PodRecord(service=service, name="", node=PLACEMENT[service])
-            pod = sample_pod(service, DEMO_NAMESPACE, record.node)
+            pod = self._pod(service, record.node)
             record.name = pod["metadata"]["name"]
             record.created_at = time.monotonic()
             try:
@@ -820,7 +896,7 @@ def run(options: Options) -> int:
         display.close()
         t1 = time.monotonic()
         if demo.workdir != Path():
-            display.plain("tearing down: pods, node stand-ins, agents, webhook, control plane …")
+            display.plain("tearing down: pods, node stand-ins, agents, webhook, istiod, control plane …")
         try:
             demo.close()
         except Exception as exc:  # a cleanup step failed: say so, the run failed

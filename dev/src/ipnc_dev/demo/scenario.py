@@ -1,5 +1,6 @@
-"""The demo's story as data: the sample application (frontend -> backend -> database) and its pods
-exactly as istiod's sidecar injector returns them, the namespace that enforces ``restricted``,
+"""The demo's story as data: the sample application (frontend -> backend -> database) and its pods,
+before injection (for istiod's own injector, when it is built) and exactly as istiod's sidecar
+injector returns them (Istio's saved injection output, otherwise), the namespace that enforces ``restricted``,
 and what counts as a mutated pod and an intercepted request.
 
 Pure: no process, no API call. The orchestration creates these objects; ``tests/unit/test_demo.py``
@@ -181,46 +182,22 @@ def pod_suffix() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(5))
 
 
-def sample_pod(service: str, namespace: str, node: str, name: str | None = None) -> dict[str, Any]:
-    """The sample application's pod for ``service`` as istiod's sidecar injector returns it
-    (istio-init with NET_ADMIN, istio-proxy as a native sidecar, Istio's volumes and
-    annotations), bound to ``node``. Its own container is written for ``restricted``, as an
-    application in such a namespace must be; only Istio's istio-init is not."""
-    status = {
-        "initContainers": [ISTIO_INIT, ISTIO_PROXY],
-        "containers": None,
-        "volumes": [v["name"] for v in _istio_volumes()],
-        "imagePullSecrets": None,
-        "revision": "default",
-    }
+def application_pod(service: str, namespace: str, node: str, name: str | None = None) -> dict[str, Any]:
+    """The sample application's pod for ``service`` as its Deployment would create it, before
+    any injection, bound to ``node``: written for ``restricted``, as an application in such a
+    namespace must be. With istiod running, its injector adds Istio's parts to this."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": name or f"{service}-{pod_suffix()}",
             "namespace": namespace,
-            "labels": {
-                "app": service,
-                "version": "v1",
-                "security.istio.io/tlsMode": "istio",
-                "service.istio.io/canonical-name": service,
-                "service.istio.io/canonical-revision": "v1",
-            },
-            "annotations": {
-                "istio.io/rev": "default",
-                "kubectl.kubernetes.io/default-container": service,
-                "kubectl.kubernetes.io/default-logs-container": service,
-                "prometheus.io/path": "/stats/prometheus",
-                "prometheus.io/port": "15020",
-                "prometheus.io/scrape": "true",
-                names.SIDECAR_STATUS: json.dumps(status, separators=(",", ":")),
-            },
+            "labels": {"app": service, "version": "v1"},
         },
         "spec": {
             "nodeName": node,
             "serviceAccountName": service,
             "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
-            "initContainers": [_istio_init(), _istio_proxy(service, namespace)],
             "containers": [
                 {
                     "name": service,
@@ -229,9 +206,40 @@ def sample_pod(service: str, namespace: str, node: str, name: str | None = None)
                     "securityContext": copy.deepcopy(RESTRICTED_CONTAINER),
                 }
             ],
-            "volumes": _istio_volumes(),
         },
     }
+
+
+def sample_pod(service: str, namespace: str, node: str, name: str | None = None) -> dict[str, Any]:
+    """The sample application's pod for ``service`` as istiod's sidecar injector returns it
+    (istio-init with NET_ADMIN, istio-proxy as a native sidecar, Istio's volumes and
+    annotations): ``application_pod`` with Istio's parts, as Istio's saved injection output has
+    them. Only Istio's istio-init is not written for ``restricted``."""
+    status = {
+        "initContainers": [ISTIO_INIT, ISTIO_PROXY],
+        "containers": None,
+        "volumes": [v["name"] for v in _istio_volumes()],
+        "imagePullSecrets": None,
+        "revision": "default",
+    }
+    pod = application_pod(service, namespace, node, name)
+    pod["metadata"]["labels"] |= {
+        "security.istio.io/tlsMode": "istio",
+        "service.istio.io/canonical-name": service,
+        "service.istio.io/canonical-revision": "v1",
+    }
+    pod["metadata"]["annotations"] = {
+        "istio.io/rev": "default",
+        "kubectl.kubernetes.io/default-container": service,
+        "kubectl.kubernetes.io/default-logs-container": service,
+        "prometheus.io/path": "/stats/prometheus",
+        "prometheus.io/port": "15020",
+        "prometheus.io/scrape": "true",
+        names.SIDECAR_STATUS: json.dumps(status, separators=(",", ":")),
+    }
+    pod["spec"]["initContainers"] = [_istio_init(), _istio_proxy(service, namespace)]
+    pod["spec"]["volumes"] = _istio_volumes()
+    return pod
 
 
 def added_capabilities(pod: Mapping[str, Any]) -> list[str]:
@@ -261,10 +269,11 @@ def is_mutated(created: Mapping[str, Any]) -> bool:
     )
 
 
-def namespace_objects(ca_pem: str) -> list[dict[str, Any]]:
+def namespace_objects(ca_pem: str | None) -> list[dict[str, Any]]:
     """The demo's namespace (``restricted`` enforced, opted in to the controller and to Istio's
-    injection), the CA ConfigMap istiod publishes in every namespace (the sidecar mounts it), and
-    one ServiceAccount and Service per service."""
+    injection), the CA ConfigMap istiod publishes in every namespace (the sidecar mounts it; with
+    ``ca_pem`` None, a running istiod publishes its own), and one ServiceAccount and Service per
+    service."""
     labels = {
         "pod-security.kubernetes.io/enforce": "restricted",
         "pod-security.kubernetes.io/warn": "restricted",
@@ -273,14 +282,17 @@ def namespace_objects(ca_pem: str) -> list[dict[str, Any]]:
         "istio-injection": "enabled",
     }
     docs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE, "labels": labels}},
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "istio-ca-root-cert", "namespace": DEMO_NAMESPACE},
-            "data": {"root-cert.pem": ca_pem},
-        },
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": DEMO_NAMESPACE, "labels": labels}}
     ]
+    if ca_pem is not None:
+        docs.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "istio-ca-root-cert", "namespace": DEMO_NAMESPACE},
+                "data": {"root-cert.pem": ca_pem},
+            }
+        )
     for service in SERVICES:
         docs.append(
             {
@@ -303,14 +315,19 @@ def namespace_objects(ca_pem: str) -> list[dict[str, Any]]:
     return docs
 
 
-def webhook_probe_pod(attempt: int) -> dict[str, Any]:
+def webhook_probe_pod(attempt: int, *, sidecar: bool = True) -> dict[str, Any]:
     """An unscheduled pod that passes ``restricted``: created to see whether the API server calls
-    the webhook yet (no stand-in runs a pod without a node)."""
+    the webhook yet (no stand-in runs a pod without a node). With ``sidecar`` it carries an
+    istio-proxy of its own (no injector runs); without, istiod's injector adds Istio's parts, and
+    PodSecurity refuses it until our webhook is called too."""
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": f"webhook-probe-{attempt}", "namespace": DEMO_NAMESPACE},
         "spec": {
+            # What the ServiceAccount admission plugin would set (it is off in the control plane);
+            # the token volume istiod's injector adds needs it.
+            "serviceAccountName": SERVICES[0],
             "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [
                 {
@@ -318,7 +335,7 @@ def webhook_probe_pod(attempt: int) -> dict[str, Any]:
                     "image": "registry.example/probe",
                     "securityContext": copy.deepcopy(RESTRICTED_CONTAINER),
                 }
-                for n in ("app", ISTIO_PROXY)
+                for n in ("app", ISTIO_PROXY)[: 2 if sidecar else 1]
             ],
         },
     }

@@ -102,6 +102,9 @@ class Summary:
     teardown_seconds: float = 0.0
     kept: bool = False
     real_node: bool = False  # ran on real nodes (``demo --real-node``)
+    # Which injector made the pods: "istiod <version>" (built by scripts/build-istio, Istio's
+    # charts) or "saved" (Istio's saved injection output); "" before it is known.
+    injection: str = ""
     host: str = ""  # real nodes: "as it was" after the harness's comparison, else the differences
     pods: list[PodRecord] = field(default_factory=list)
     hops: list[HopRecord] = field(default_factory=list)
@@ -169,6 +172,13 @@ def print_summary(display: Display, summary: Summary) -> None:
     # The stand-ins count connections that reached an application directly; a real node's
     # application does not listen, so there is nothing to count.
     around = "" if summary.real_node else f", {direct} reached an application around its sidecar"
+    if summary.injection:
+        injected = (
+            "Istio's saved injection output (istiod is not built)"
+            if summary.injection == "saved"
+            else f"{summary.injection}'s injector, with Istio's charts, then our webhook"
+        )
+        display.plain(f"pods injected by {injected}")
     display.plain(
         f"{verdict}: {running}/{len(summary.pods)} pods initialized and running under restricted{where}, "
         f"{intercepted}/{len(summary.hops)} requests intercepted by the sender's sidecar with their original "
