@@ -8,7 +8,11 @@ Leftovers are checked by snapshots before and after, narrowed to what the demo r
 the same machine create namespaces and cgroups of the same kinds at the same time. Temporary
 folders are checked exactly: the demo runs with its own empty TMPDIR, which must be empty again.
 Its child processes are found by a marker in their environment, its containers by their network
-namespace and cgroup, and everything it reported by PID and start time.
+namespace and cgroup, and everything it reported by PID and start time (istiod among them).
+
+Where scripts/build-istio has built istiod (scripts/setup does, so CI has it), the demo's pods are
+made by istiod's own injector and our webhook; the fallback to Istio's saved injection output is
+run too, with the build looked up in an empty folder.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from typing import IO, Any
 
 import pytest
 
-from ipnc_dev import binaries
+from ipnc_dev import binaries, istiod
 from ipnc_dev.cgroups import mounts
 from ipnc_dev.demo import NODES, SERVICES, process_start
 
@@ -191,7 +195,22 @@ def _check_story(summary: dict[str, Any], requests: int) -> None:
     assert sent == {"frontend": (requests, requests), "backend": (requests, requests), "database": (0, 0)}
 
 
-def test_the_demo_shows_the_whole_system_and_leaves_nothing_behind(demo_run: DemoRun) -> None:
+def _istiod_built() -> str:
+    build = istiod.find_build()
+    if build is None:
+        pytest.fail("istiod is not built for the pinned Istio version: run scripts/build-istio")
+    return build.version
+
+
+@pytest.mark.parametrize("injection", ["istiod", "saved"])
+def test_the_demo_shows_the_whole_system_and_leaves_nothing_behind(
+    demo_run: DemoRun, injection: str, tmp_path: Path
+) -> None:
+    if injection == "istiod":
+        version = _istiod_built()
+    else:
+        (tmp_path / "no-istio").mkdir()
+        demo_run.env["IPNC_ISTIO_CACHE"] = str(tmp_path / "no-istio")
     before = snapshot()
     t0 = time.monotonic()
     done = subprocess.run(  # noqa: S603 - our own CLI, fixed flags
@@ -222,6 +241,16 @@ def test_the_demo_shows_the_whole_system_and_leaves_nothing_behind(demo_run: Dem
     assert "6/6 requests intercepted" in output
     assert "removed everything" in output.splitlines()[-1]
     assert seconds < 60, f"the demo took {seconds:.1f} s"
+    lines = output.splitlines()
+    if injection == "istiod":
+        assert summary["injection"] == f"istiod {version}"
+        assert any(f"Istio injection: istiod {version}" in line for line in lines), output[-6000:]
+        assert any("created un-injected; istiod's injector adds" in line for line in lines)
+        assert f"pods injected by istiod {version}'s injector" in output
+    else:
+        assert summary["injection"] == "saved"
+        assert any("Istio injection: Istio's saved injection output" in line for line in lines)
+        assert "pods injected by Istio's saved injection output (istiod is not built)" in output
 
     assert leftovers(before, summary, demo_run.mark, demo_run.tmpdir) == []
 
@@ -253,6 +282,7 @@ def _finish(proc: subprocess.Popen[str], seen: list[str]) -> tuple[int, str]:
 
 
 def test_keep_leaves_it_running_for_kubectl_and_ctrl_c_removes_everything(demo_run: DemoRun) -> None:
+    version = _istiod_built()
     before = snapshot()
     proc = subprocess.Popen(  # noqa: S603 - our own CLI, fixed flags
         [str(CLI), "demo", "--keep", "--requests=1", f"--json-summary={demo_run.summary_path}"],
@@ -277,6 +307,11 @@ def test_keep_leaves_it_running_for_kubectl_and_ctrl_c_removes_everything(demo_r
         pods = json.loads(listed.stdout)["items"]
         assert sorted(p["metadata"]["labels"]["app"] for p in pods) == sorted(SERVICES)
         assert all(p["status"]["phase"] == "Running" for p in pods)
+        # istiod's injector made them: its status annotation and the sidecar it added.
+        for pod in pods:
+            status = json.loads(pod["metadata"]["annotations"]["sidecar.istio.io/status"])
+            assert "istio-proxy" in status["initContainers"] + (status["containers"] or []), status
+        assert demo_run.summary["injection"] == f"istiod {version}"
         # The check has teeth: while the demo runs, it sees its namespaces, cgroups, processes, files.
         running = leftovers(before, demo_run.summary, demo_run.mark, demo_run.tmpdir)
         for kind in ("netns", "cgroup", "process", "file or folder"):

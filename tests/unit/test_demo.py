@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from ipnc_dev.demo import orchestration, realnode, scenario
+from ipnc_dev.demo import orchestration, realnode, scenario, summary
+from ipnc_dev.demo.display import Display
 from istio_pod_network_controller.render import render
 from istio_pod_network_controller.spec import spec_from_pod
 
@@ -84,6 +85,68 @@ def test_only_istio_init_adds_capabilities() -> None:
     pod["spec"]["initContainers"] = [c for c in pod["spec"]["initContainers"] if c["name"] != "istio-init"]
     assert scenario.added_capabilities(pod) == []
     assert pod["spec"]["nodeName"] == "node-2" and pod["spec"]["serviceAccountName"] == "backend"
+
+
+def test_the_pod_for_istiods_injector_is_the_sample_pod_without_istios_parts() -> None:
+    """With istiod built, the demo creates this and istiod's injector adds istio-init, the
+    sidecar, their volumes, labels and annotations; it passes restricted as it is."""
+    plain = scenario.application_pod("frontend", "mesh-demo", "node-1", name="frontend-x")
+    injected = scenario.sample_pod("frontend", "mesh-demo", "node-1", name="frontend-x")
+    assert "initContainers" not in plain["spec"] and "volumes" not in plain["spec"]
+    assert scenario.added_capabilities(plain) == []
+    assert "annotations" not in plain["metadata"]
+    istio_labels = set(injected["metadata"]["labels"]) - set(plain["metadata"]["labels"])
+    assert istio_labels == {
+        "security.istio.io/tlsMode",
+        "service.istio.io/canonical-name",
+        "service.istio.io/canonical-revision",
+    }
+    stripped = {**injected["spec"]}
+    del stripped["initContainers"], stripped["volumes"]
+    assert stripped == plain["spec"]
+    assert {k: injected["metadata"][k] for k in ("name", "namespace")} == {
+        "name": "frontend-x",
+        "namespace": "mesh-demo",
+    }
+
+
+def test_istiod_publishes_its_own_ca_so_the_namespace_then_brings_none() -> None:
+    def config_maps(docs: list[dict[str, Any]]) -> list[str]:
+        return [d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"]
+
+    assert config_maps(scenario.namespace_objects("PEM")) == ["istio-ca-root-cert"]
+    assert config_maps(scenario.namespace_objects(None)) == []
+    namespace = scenario.namespace_objects(None)[0]
+    assert namespace["metadata"]["labels"]["istio-injection"] == "enabled"
+
+
+def test_the_webhook_probe_for_istiods_injector_has_no_sidecar_of_its_own() -> None:
+    with_sidecar = scenario.webhook_probe_pod(1)
+    bare = scenario.webhook_probe_pod(2, sidecar=False)
+    assert [c["name"] for c in with_sidecar["spec"]["containers"]] == ["app", "istio-proxy"]
+    assert [c["name"] for c in bare["spec"]["containers"]] == ["app"]
+    # Istio's injector adds a projected token volume, which the API server refuses without one.
+    assert bare["spec"]["serviceAccountName"] in scenario.SERVICES
+
+
+@pytest.mark.parametrize(
+    ("injection", "said"),
+    [
+        ("saved", "pods injected by Istio's saved injection output (istiod is not built)"),
+        ("istiod v1.2.3", "pods injected by istiod v1.2.3's injector, with Istio's charts, then our webhook"),
+        ("", None),
+    ],
+)
+def test_the_summary_says_which_injection_made_the_pods(
+    injection: str, said: str | None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    summary.print_summary(Display(live=False), summary.Summary(ok=True, injection=injection))
+    out = capsys.readouterr().out
+    assert "OK: 0/0 pods" in out
+    if said is None:
+        assert "pods injected by" not in out
+    else:
+        assert said in out
 
 
 # -- demo --real-node ------------------------------------------------------------------------------------
