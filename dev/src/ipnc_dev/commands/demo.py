@@ -22,8 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the whole system on this machine (as root): a real kube-apiserver, two simulated "
             "nodes, the chart's RBAC and webhook configuration, one agent per node and the webhook; "
-            "deploy a three-service sample application as Istio injects it into a namespace that "
-            "enforces the restricted Pod Security level, show each pod being admitted, programmed "
+            "deploy a three-service sample application into a namespace that enforces the restricted "
+            "Pod Security level (injected by istiod's own injector when scripts/setup has built istiod, "
+            "else as Istio's saved injection output has it), show each pod being admitted, programmed "
             "and started, send requests through it, print a summary table and remove everything. "
             "Exit status 0 only when every pod ran and every request was intercepted. With --real-node "
             "the same story runs on two real nodes (kubelet, containerd, runc) with the chart installed "

@@ -13,8 +13,11 @@ MutatingWebhookConfiguration too, pointed at the webhook on loopback with a caBu
 agent's and webhook's arguments are taken from its DaemonSet and Deployment), one ``run`` agent
 per node under the chart's ServiceAccount, the ``webhook`` process, and two node stand-ins
 (``standin``: real network namespaces, cgroups and processes for the pods of one node name
-each). Each pod of the sample application (frontend -> backend -> database) is shaped as istiod
-injects it. Its app stub then connects to the next service's ClusterIP; with one bridge per
+each). The pods of the sample application (frontend -> backend -> database) are injected by
+Istio's own istiod when ``scripts/build-istio`` has built it (``istiod.start_if_built``: Istio's
+charts helm-installed, istiod a local process, the pods created un-injected so that its injector
+and then our webhook mutate them), else created as Istio's saved injection output has them. A
+pod's app stub then connects to the next service's ClusterIP; with one bridge per
 stand-in, pods on different nodes cannot reach each other at all, which does not matter: the
 outbound capture hands every connection to the sender's own sidecar stub, which records the
 original destination. That is what is shown and counted.
