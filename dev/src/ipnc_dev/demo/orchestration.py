@@ -14,8 +14,8 @@ agent's and webhook's arguments are taken from its DaemonSet and Deployment), on
 per node under the chart's ServiceAccount, the ``webhook`` process, and two node stand-ins
 (``standin``: real network namespaces, cgroups and processes for the pods of one node name
 each). The pods of the sample application (frontend -> backend -> database) are injected by
-Istio's own istiod when ``scripts/build-istio`` has built it (``istiod.start_if_built``: Istio's
-charts helm-installed, istiod a local process, the pods created un-injected so that its injector
+Istio's own istiod when ``scripts/build-istio`` has built it (``istiod``: Istio's charts
+helm-installed, istiod a local process, the pods created un-injected so that its injector
 and then our webhook mutate them), else created as Istio's saved injection output has them. A
 pod's app stub then connects to the next service's ClusterIP; with one bridge per
 stand-in, pods on different nodes cannot reach each other at all, which does not matter: the
@@ -194,7 +194,7 @@ class Demo:
         self.istiod: Istiod | None = None
         self._istiod_start: Future[Istiod | None] | None = None
         self._istiod_pool: ThreadPoolExecutor | None = None
-        self._istiod_lines: list[str] = []
+        self._istiod_handle: Istiod | None = None  # from before its install: teardown stops it
 
     @property
     def cp(self) -> ControlPlane:
@@ -294,8 +294,19 @@ class Demo:
         few seconds, which the controller's start overlaps."""
         from .. import istiod
 
+        cp = self.cp
+
+        def start() -> Istiod | None:
+            # As ``istiod.start_if_built``, but the handle is kept from before the install: a
+            # Ctrl-C fails helm or kubectl half-way, and the teardown still removes its folder.
+            build = istiod.find_build()
+            if build is None:
+                return None
+            self._istiod_handle = istiod.Istiod(cp, build)
+            return self._istiod_handle.install().start()
+
         pool = self._istiod_pool = ThreadPoolExecutor(1, thread_name_prefix="istiod")
-        self._istiod_start = pool.submit(istiod.start_if_built, self.cp, log=self._istiod_lines.append)
+        self._istiod_start = pool.submit(start)
         # Registered before the later parts' callbacks, so run after them, and before the control
         # plane's: whatever the start came to (even after a Ctrl-C), istiod is stopped.
         self.stack.callback(self._stop_istiod)
@@ -304,10 +315,9 @@ class Demo:
         start, pool = self._istiod_start, self._istiod_pool
         if start is not None:
             with contextlib.suppress(Exception):
-                found = start.result(timeout=ISTIOD_START_LIMIT)
-                self.istiod = self.istiod or found
-        if self.istiod is not None:
-            self.istiod.stop()
+                start.result(timeout=ISTIOD_START_LIMIT)
+        if self._istiod_handle is not None:
+            self._istiod_handle.stop()  # its process, if any, and its folder
         if pool is not None:
             pool.shutdown(wait=False)
 
@@ -318,9 +328,11 @@ class Demo:
                 self.istiod = self._istiod_start.result(timeout=ISTIOD_START_LIMIT)
             except Exception as exc:
                 raise DemoError(f"istiod did not start: {_tail(str(exc), 3)}") from None
-            line = self._istiod_lines[-1] if self._istiod_lines else "Istio injection: unknown"
-            out["text"] = line
             if self.istiod is not None:
+                out["text"] = (
+                    f"Istio injection: istiod {self.istiod.build.version}, built from the pinned "
+                    "module, with Istio's charts"
+                )
                 popen = self.istiod.popen
                 self.summary.resources.add_pid(popen.pid if popen is not None else None)
                 self.summary.injection = f"istiod {self.istiod.build.version}"
@@ -329,6 +341,10 @@ class Demo:
                     "through the chart's MutatingWebhookConfiguration, then ours (named after it)"
                 ]
             else:
+                out["text"] = (
+                    "Istio injection: Istio's saved injection output "
+                    "(istiod is not built: scripts/build-istio)"
+                )
                 self.summary.injection = "saved"
 
     @property
