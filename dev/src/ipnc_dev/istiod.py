@@ -349,7 +349,11 @@ def start_istiod(
     ``values`` are ``--set`` values of the istiod chart (``pilot.cni.enabled=true`` for CNI-mode
     injection). Stop it with ``.stop()``."""
     istiod = Istiod(control_plane, build or require_build(), revision=revision, values=dict(values or {}))
-    return istiod.install().start()
+    try:
+        return istiod.install().start()
+    except BaseException:
+        istiod.stop()  # its folder, and a process if it got that far
+        raise
 
 
 def injected_by_istio_alone(
