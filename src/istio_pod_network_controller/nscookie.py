@@ -17,9 +17,14 @@ SO_NETNS_COOKIE = 71  # getsockopt(SOL_SOCKET): the socket's network namespace's
 
 def own_netns_cookie() -> int | None:
     """The cookie of the calling thread's network namespace; None when the kernel has none."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        return socket_netns_cookie(sock)
+
+
+def socket_netns_cookie(sock: socket.socket) -> int | None:
+    """The cookie of the network namespace ``sock`` was made in; None when the kernel has none."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8)
     except OSError as exc:
         if exc.errno in (errno.ENOPROTOOPT, errno.EINVAL):
             return None

@@ -14,21 +14,15 @@ downward-API file: the hand-off is never needed for a pod to be programmed or to
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import errno
 import logging
-import os
 import socket
-import struct
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..handoff import ADDRESS, HandoffError, encode
-from ..nscookie import SO_NETNS_COOKIE
-from .errors import NodeError
-from .netns import CLONE_NEWNET, Netns, NetnsId
+from ..nscookie import socket_netns_cookie
+from .netns import Netns, NetnsId, run_inside
 
 log = logging.getLogger(__name__)
 
@@ -51,46 +45,24 @@ class Opened:
 def listen_in(ns: Netns, address: bytes = ADDRESS) -> Opened:
     """A listening socket on ``address`` inside ``ns``, and ``ns``'s cookie. Raises NodeError when
     the namespace cannot be entered (as ``netns.netns_cookie`` does)."""
-    result: list[Opened] = []
-    failure: list[str] = []
+    return run_inside(ns, lambda: _listen_here(address), step="netns cookie", what=f"cannot enter {ns.path}")
 
-    def inside() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(ns.fileno(), CLONE_NEWNET) != 0:
-            failure.append(os.strerror(ctypes.get_errno()))
-            return
+
+def _listen_here(address: bytes) -> Opened:
+    """In the namespace to listen in: the listener (None, with why, when the name is taken)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        cookie = socket_netns_cookie(sock)
         try:
-            kind = socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
-            sock = socket.socket(socket.AF_UNIX, kind)
-        except OSError as exc:
-            failure.append(exc.strerror or str(exc))
-            return
-        try:
-            try:
-                (cookie,) = struct.unpack("=Q", sock.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8))
-            except OSError as exc:
-                if exc.errno not in (errno.ENOPROTOOPT, errno.EINVAL):
-                    raise
-                cookie = None
-            try:
-                sock.bind(address)
-                sock.listen(MAX_CONNECTIONS)
-            except OSError as exc:
-                sock.close()
-                result.append(Opened(None, cookie, f"cannot listen: {exc.strerror or exc}"))
-                return
-            result.append(Opened(sock, cookie))
+            sock.bind(address)
+            sock.listen(MAX_CONNECTIONS)
         except OSError as exc:
             sock.close()
-            failure.append(exc.strerror or str(exc))
-
-    thread = threading.Thread(target=inside, name="netns-handoff", daemon=True)
-    thread.start()
-    thread.join()
-    if failure or not result:
-        why = failure[0] if failure else "the thread ended without an answer"
-        raise NodeError("netns cookie", f"cannot enter {ns.path}: {why}")
-    return result[0]
+            return Opened(None, cookie, f"cannot listen: {exc.strerror or exc}")
+    except BaseException:
+        sock.close()
+        raise
+    return Opened(sock, cookie)
 
 
 @dataclass

@@ -19,13 +19,16 @@ import shutil
 import stat
 import subprocess
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 from ..nscookie import own_netns_cookie
 from .errors import ApplyError, LocateError, NodeError
+
+T = TypeVar("T")
 
 NS_GET_NSTYPE = 0xB703  # ioctl on a namespace fd: which kind of namespace it is
 CLONE_NEWNET = 0x40000000
@@ -74,11 +77,12 @@ def netns_id_of(path: str | os.PathLike[str]) -> NetnsId:
     return NetnsId(st.st_dev, st.st_ino)
 
 
-def netns_cookie(ns: Netns) -> int | None:
-    """``ns``'s cookie (see ``nscookie``), read from a socket made inside it by a thread of its
-    own that enters it and ends (``setns`` moves only the calling thread; this one runs nothing
-    else). None when the kernel has no cookies; raises NodeError when it cannot be entered."""
-    result: list[int | None] = []
+def run_inside(ns: Netns, fn: Callable[[], T], *, step: str, what: str) -> T:
+    """``fn()``, run by a thread of its own that enters ``ns`` and ends (``setns`` moves only the
+    calling thread; this one runs nothing else): for sockets, which belong to the namespace they
+    were made in whichever thread uses them later. Raises NodeError(step, "what: why") when the
+    namespace cannot be entered or ``fn`` raises OSError."""
+    result: list[T] = []
     failure: list[str] = []
 
     def inside() -> None:
@@ -87,17 +91,23 @@ def netns_cookie(ns: Netns) -> int | None:
             failure.append(os.strerror(ctypes.get_errno()))
             return
         try:
-            result.append(own_netns_cookie())
+            result.append(fn())
         except OSError as exc:
             failure.append(exc.strerror or str(exc))
 
-    thread = threading.Thread(target=inside, name="netns-cookie", daemon=True)
+    thread = threading.Thread(target=inside, name=f"netns-{step.replace(' ', '-')}", daemon=True)
     thread.start()
     thread.join()
     if failure or not result:
         why = failure[0] if failure else "the thread ended without an answer"
-        raise NodeError("netns cookie", f"cannot read the cookie of {ns.path}: {why}")
+        raise NodeError(step, f"{what}: {why}")
     return result[0]
+
+
+def netns_cookie(ns: Netns) -> int | None:
+    """``ns``'s cookie (see ``nscookie``), read from a socket made inside it. None when the
+    kernel has no cookies; raises NodeError when it cannot be entered."""
+    return run_inside(ns, own_netns_cookie, step="netns cookie", what=f"cannot read the cookie of {ns.path}")
 
 
 class Netns:
