@@ -94,6 +94,7 @@ def helm(
             "HELM_CACHE_HOME": f"{home}/cache",
             "HELM_CONFIG_HOME": f"{home}/config",
             "HELM_DATA_HOME": f"{home}/data",
+            "KUBECACHEDIR": f"{home}/kube-cache",  # its discovery cache too: never ~/.kube
         }
         if kubeconfig is not None:
             child_env["KUBECONFIG"] = str(kubeconfig)

@@ -648,9 +648,13 @@ class ControlPlane:
         check: bool = True,
         timeout: float = 60.0,
     ) -> subprocess.CompletedProcess[str]:
-        """Run the test kubectl against this control plane (admin unless ``kubeconfig``)."""
+        """Run the test kubectl against this control plane (admin unless ``kubeconfig``); its
+        discovery cache in this control plane's folder, unless ``args`` name one (never ~/.kube)."""
         kubectl = self._kubectl or binaries.find("kubectl")
-        argv = [str(kubectl), f"--kubeconfig={kubeconfig or self.kubeconfig_path}", *args]
+        argv = [str(kubectl), f"--kubeconfig={kubeconfig or self.kubeconfig_path}"]
+        if not any(a.startswith("--cache-dir") for a in args):
+            argv.append(f"--cache-dir={self.workdir / 'kube-cache'}")
+        argv += args
         env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
         return subprocess.run(  # noqa: S603 - argument list
             argv, input=input, capture_output=True, text=True, check=check, timeout=timeout, env=env
