@@ -18,6 +18,7 @@ import functools
 import signal
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -142,6 +143,21 @@ def _new_sandbox(scene: Scene, node: Node, pod_uid: str, replaced: Sandbox) -> b
     return listed.returncode == 0 and bool(listed.stdout.split()) and replaced.id not in listed.stdout
 
 
+def _recreate_sandbox(
+    scene: Scene, node: Node, pod_uid: str, name: str, sandbox: Sandbox, steer: AbstractContextManager[object]
+) -> None:
+    """Stop ``sandbox`` while the kubelet is held, then let it make a new one inside ``steer``
+    (which decides the new namespace's inode number), and wait until it is ready."""
+    scene.cluster.pause_kubelet(node)
+    try:
+        scene.cluster.stop_sandbox(node, sandbox.id)
+        with steer:
+            scene.cluster.resume_kubelet(node)
+            _wait(f"a new sandbox for {name}", functools.partial(_new_sandbox, scene, node, pod_uid, sandbox))
+    finally:
+        scene.cluster.resume_kubelet(node)
+
+
 @pytest.fixture(scope="module")
 def scene() -> Iterator[Scene]:
     needs_root()
@@ -241,17 +257,8 @@ def test_recreated_sandbox_is_reprogrammed_and_its_stale_mark_refused(scene: Sce
     # gets another (the case of the same number is the next scenario's).
     pid = scene.cluster.signal_container(node, agent.uid, "agent", signal.SIGSTOP)
     try:
-        scene.cluster.pause_kubelet(node)
-        try:
-            scene.cluster.stop_sandbox(node, old.id)
-            with scene.cluster.netns_inode_held(old.netns_inode):
-                scene.cluster.resume_kubelet(node)
-                _wait(
-                    f"a new sandbox for {pod.name}",
-                    functools.partial(_new_sandbox, scene, node, pod.uid, old),
-                )
-        finally:
-            scene.cluster.resume_kubelet(node)
+        held = scene.cluster.netns_inode_held(old.netns_inode)
+        _recreate_sandbox(scene, node, pod.uid, pod.name, old, held)
         what = f"the new sandbox's waiter of {pod.name} refusing the mark for {old.netns_inode}"
         if not wait_until(waiter_refuses, 20.0, interval=0.2):
             try:
@@ -310,17 +317,8 @@ def test_new_sandbox_given_the_old_inode_number_does_not_pass_on_the_old_mark(sc
     try:
         current = old
         for _ in range(INODE_ATTEMPTS):  # someone else on the machine may take the number first
-            scene.cluster.pause_kubelet(node)
-            try:
-                scene.cluster.stop_sandbox(node, current.id)
-                with scene.cluster.next_netns_inode(old.netns_inode):
-                    scene.cluster.resume_kubelet(node)
-                    _wait(
-                        f"a new sandbox for {pod.name}",
-                        functools.partial(_new_sandbox, scene, node, pod.uid, current),
-                    )
-            finally:
-                scene.cluster.resume_kubelet(node)
+            steered = scene.cluster.next_netns_inode(old.netns_inode)
+            _recreate_sandbox(scene, node, pod.uid, pod.name, current, steered)
             current = scene.cluster.sandbox(node, pod.uid)
             tried.append(current.netns_inode)
             if current.netns_inode == old.netns_inode:
